@@ -1,0 +1,305 @@
+"""Configuration: dataclasses hold every default, YAML overrides them, `key=value` overrides YAML.
+
+`load_config(yaml_path, overrides)` merges the three layers with OmegaConf structured configs
+(an unknown key or a wrongly typed value is an error there) and `validate(cfg)` reports every
+inconsistency between fields at once. Nothing here rewrites a value the user set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+ALGORITHMS = ("calibrl", "grpo", "drgrpo", "dapo", "sft", "sft_grpo", "luffy", "rlplus")
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+MIXUP_POLICIES = ("random", "pass", "always", "never")
+BASELINES = ("token", "sequence")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "runs/tiny-models/tiny-qwen2.5-vl"
+    """Local directory of a Hugging Face checkpoint (config, tokenizer, safetensors). Never a hub name."""
+    dtype: str = "float32"
+    """Weights dtype for rollout and training: float32 on CPU, bfloat16 on GPU."""
+    max_model_len: int = 1024
+    """Context length in tokens given to vLLM; prompt + response must fit in it."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (saves memory, costs ~30% time)."""
+    image_min_pixels: int = 28 * 28 * 4
+    """Smallest image area (pixels) the VL processor resizes to."""
+    image_max_pixels: int = 28 * 28 * 16
+    """Largest image area (pixels) the VL processor resizes to."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=lambda: ["runs/demo-data/train.parquet"])
+    """Parquet files of training prompts (calibrl schema or the reference implementation's)."""
+    val_files: list[str] = field(default_factory=lambda: ["runs/demo-data/val.parquet"])
+    """Parquet files evaluated every `trainer.eval_every_steps` and at the end."""
+    expert_key: str = "solution"
+    """Column holding expert chains of thought in reference-format files (calibrl files use `experts`)."""
+    max_prompt_length: int = 512
+    """Longest prompt in tokens (image tokens included); longer rows are bad rows."""
+    max_images_per_prompt: int = 1
+    """Most images in one prompt."""
+    on_bad_row: str = "error"
+    """`error`: stop at the first bad row naming file/row/field; `skip`: drop it and count it in the report."""
+    read_batch_rows: int = 1024
+    """Rows read from parquet at a time (large files are never read whole)."""
+    shuffle: bool = True
+    """Shuffle training prompts each epoch (seeded by trainer.seed and the epoch)."""
+
+
+@dataclass
+class RolloutConfig:
+    num_workers: int = 1
+    """Data-parallel vLLM engines, one Ray actor each."""
+    tensor_parallel_size: int = 1
+    """vLLM tensor parallelism inside each worker (GPU only)."""
+    samples_per_prompt: int = 8
+    """On-policy responses sampled per prompt (n)."""
+    max_response_length: int = 128
+    """Longest sampled response in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature for training rollouts."""
+    top_p: float = 1.0
+    """Nucleus sampling mass for training rollouts."""
+    kv_cache_memory_mib: int = 256
+    """KV-cache size per engine in MiB (on CPU vLLM would otherwise take most of RAM)."""
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory vLLM may use (GPU only)."""
+    weight_sync: str = "shm"
+    """Weight transport learner -> engines: `shm` (safetensors in /dev/shm + reload) or `nccl` (GPU)."""
+    num_cpus_per_worker: float = 1.0
+    """Ray CPUs reserved per rollout actor."""
+
+
+@dataclass
+class VerifierConfig:
+    num_workers: int = 1
+    """Verifier actors scoring responses in parallel."""
+    timeout_s: float = 5.0
+    """Per-response time limit; a response over it gets reward 0 and is counted."""
+    pass_threshold: float = 0.1
+    """A response passes when reward > this (a format-only response fails)."""
+    reward_function: Optional[str] = None
+    """Import path `module:function` of a custom reward fn(response, answer) -> float | Verdict."""
+
+
+@dataclass
+class AlgorithmConfig:
+    name: str = "calibrl"
+    """One of calibrl, grpo, drgrpo, dapo, sft, sft_grpo, luffy, rlplus."""
+    clip_low: float = 0.2
+    """PPO ratio clip below 1 (eps_low)."""
+    clip_high: float = 0.2
+    """PPO ratio clip above 1 (eps_high; DAPO uses 0.28)."""
+    clip_ratio_c: float = 3.0
+    """Dual-clip bound c for negative advantages."""
+    alpha: float = 0.5
+    """Negative slope of the calibration LeakyReLU."""
+    calibration_coef: float = 0.1
+    """lambda: weight of the calibration term in the total loss."""
+    baseline: str = "token"
+    """Expert baseline: `token` (position-aligned expert log-prob) or `sequence` (expert mean)."""
+    std_normalize: bool = False
+    """Divide group advantages by the group's reward std (GRPO); CalibRL does not."""
+    loss_agg: str = "token-mean"
+    """Loss aggregation: token-mean, seq-mean-token-mean, seq-mean-token-sum, seq-mean-token-sum-norm."""
+    mixup: str = "random"
+    """Whether a group keeps its expert row: random, pass, always, never."""
+    mix_ratio: float = 1.0
+    """Probability of keeping the expert under `mixup: random`."""
+    pass_low: float = 0.0
+    """Lower bound of the on-policy pass rate that keeps the expert under `mixup: pass`."""
+    pass_high: float = 1.0
+    """Upper bound of the on-policy pass rate that keeps the expert under `mixup: pass`."""
+    expert_warmup_steps: int = 0
+    """Steps at the start with no expert rows at all (pure GRPO warm-up)."""
+    experts_per_group: int = 1
+    """Expert trajectories attached to each group (pref_n)."""
+    expert_choice: str = "first"
+    """Which experts when a prompt has more than needed: `first` or `random`."""
+    entropy_coef: float = 0.0
+    """Entropy bonus weight (0 in the paper)."""
+    kl_coef: float = 0.0
+    """Weight of a k3 KL penalty to the rollout policy (0 in the paper)."""
+    dynamic_sampling: bool = False
+    """Drop all-pass / all-fail groups and sample more prompts until the batch is full (DAPO)."""
+    max_sampling_rounds: int = 4
+    """Cap on rollout rounds per step under dynamic sampling."""
+    overlong_buffer_tokens: int = 0
+    """DAPO overlong shaping: penalty ramps over the last this-many tokens (0 = off)."""
+    overlong_penalty: float = 1.0
+    """DAPO overlong shaping: penalty at the maximum length."""
+
+
+@dataclass
+class LearnerConfig:
+    num_learners: int = 1
+    """DeepSpeed data-parallel ranks, one Ray actor each."""
+    zero_stage: int = 2
+    """ZeRO stage (2 or 3)."""
+    lr: float = 1e-6
+    """Peak learning rate."""
+    lr_warmup_steps: int = 0
+    """Linear warm-up steps of the learning rate."""
+    lr_schedule: str = "constant"
+    """`constant` or `cosine` after the warm-up."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip."""
+    mini_batch_prompts: int = 4
+    """Prompts per optimizer update (PPO mini-batch); prompts_per_step must be a multiple."""
+    micro_batch_per_device: int = 4
+    """Sequences per forward/backward on one rank (gradient accumulation inside a mini-batch)."""
+    ppo_epochs: int = 1
+    """Passes over each step's batch."""
+    num_cpus_per_learner: float = 1.0
+    """Ray CPUs reserved per learner actor."""
+    sft_lr: Optional[float] = None
+    """Learning rate during SFT warm-up steps (None: `lr`)."""
+
+
+@dataclass
+class TrainerConfig:
+    total_steps: int = 20
+    """RL steps (one rollout batch and its updates each)."""
+    prompts_per_step: int = 8
+    """Prompts sampled per step."""
+    sft_warmup_steps: int = 0
+    """SFT steps on expert trajectories before RL (SFT->GRPO baseline, demo warm start)."""
+    sft_batch_prompts: int = 16
+    """Prompts per SFT warm-up step."""
+    output_dir: str = "runs/calibrl"
+    """Run directory: metrics, TensorBoard, checkpoints, report."""
+    resume: str = "auto"
+    """`auto` (latest checkpoint in output_dir if any), `never`, or a checkpoint path."""
+    save_every_steps: int = 10
+    """Checkpoint period in steps (0 = only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept; older ones are pruned."""
+    eval_every_steps: int = 10
+    """Validation period in steps (0 = only at the end)."""
+    eval_pass_k: int = 4
+    """k of pass@k at validation (sampled at rollout temperature)."""
+    eval_max_prompts: int = 64
+    """Validation prompts per val file (0 = all)."""
+    one_step_off: bool = False
+    """Sample step t+1 while the learner trains step t (staleness <= 1 version)."""
+    seed: int = 0
+    """Seed for data order, sampling and initialisation."""
+    ray_address: Optional[str] = None
+    """Ray cluster to join (None: the running cluster if any, else a local one)."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+class ConfigError(ValueError):
+    """One or more configuration inconsistencies; `.problems` lists each one."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+def load_config(yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file <- `key=value` overrides; returns a typed `Config` (not validated)."""
+    merged = OmegaConf.structured(Config)
+    if yaml_path:
+        merged = OmegaConf.merge(merged, OmegaConf.load(yaml_path))
+    if overrides:
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+    return OmegaConf.to_object(merged)
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def model_context_length(model_path: str) -> Optional[int]:
+    """max_position_embeddings from a local checkpoint's config.json (None if absent)."""
+    p = os.path.join(model_path, "config.json")
+    if not os.path.exists(p):
+        return None
+    with open(p) as f:
+        hf = json.load(f)
+    text = hf.get("text_config", hf)
+    return text.get("max_position_embeddings", hf.get("max_position_embeddings"))
+
+
+def validate(cfg: Config) -> Config:
+    """Raise `ConfigError` listing every inconsistency; return cfg unchanged when there is none."""
+    a, d, r, ln, t, m = cfg.algorithm, cfg.data, cfg.rollout, cfg.learner, cfg.trainer, cfg.model
+    problems: list[str] = []
+
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            problems.append(msg)
+
+    need(a.name in ALGORITHMS, f"algorithm.name={a.name!r} is unknown; choose one of {', '.join(ALGORITHMS)}")
+    need(a.loss_agg in LOSS_AGGS, f"algorithm.loss_agg={a.loss_agg!r} is unknown; choose one of {', '.join(LOSS_AGGS)}")
+    need(a.mixup in MIXUP_POLICIES, f"algorithm.mixup={a.mixup!r} is unknown; choose one of {', '.join(MIXUP_POLICIES)}")
+    need(a.baseline in BASELINES, f"algorithm.baseline={a.baseline!r} is unknown; choose token or sequence")
+    need(a.expert_choice in ("first", "random"), f"algorithm.expert_choice={a.expert_choice!r}: use first or random")
+    need(0.0 <= a.mix_ratio <= 1.0, f"algorithm.mix_ratio={a.mix_ratio} must lie in [0, 1]")
+    need(a.pass_low <= a.pass_high, f"algorithm.pass_low={a.pass_low} exceeds algorithm.pass_high={a.pass_high}")
+    need(a.clip_low >= 0 and a.clip_high >= 0, "algorithm.clip_low and clip_high must be >= 0")
+    need(a.clip_ratio_c > 1.0, f"algorithm.clip_ratio_c={a.clip_ratio_c} must be > 1 (dual clip)")
+    need(a.experts_per_group >= 1, f"algorithm.experts_per_group={a.experts_per_group} must be >= 1")
+    need(d.on_bad_row in ("error", "skip"), f"data.on_bad_row={d.on_bad_row!r}: use error or skip")
+    need(len(d.train_files) > 0 or a.name == "sft", "data.train_files is empty")
+    need(r.weight_sync in ("shm", "nccl"), f"rollout.weight_sync={r.weight_sync!r}: use shm or nccl")
+    need(ln.zero_stage in (0, 1, 2, 3), f"learner.zero_stage={ln.zero_stage} must be 0, 1, 2 or 3")
+    need(ln.lr_schedule in ("constant", "cosine"), f"learner.lr_schedule={ln.lr_schedule!r}: constant or cosine")
+    need(t.resume in ("auto", "never") or os.path.exists(t.resume),
+         f"trainer.resume={t.resume!r} is neither auto, never nor an existing checkpoint path")
+
+    group_based = a.name not in ("sft",)
+    need(not group_based or r.samples_per_prompt >= 2,
+         f"rollout.samples_per_prompt={r.samples_per_prompt}: group advantages need >= 2 samples per prompt")
+    for name, value in [("trainer.prompts_per_step", t.prompts_per_step),
+                        ("learner.mini_batch_prompts", ln.mini_batch_prompts),
+                        ("learner.micro_batch_per_device", ln.micro_batch_per_device),
+                        ("learner.num_learners", ln.num_learners), ("rollout.num_workers", r.num_workers),
+                        ("verifier.num_workers", cfg.verifier.num_workers),
+                        ("trainer.total_steps", t.total_steps)]:
+        need(value >= 1, f"{name}={value} must be >= 1")
+    if t.prompts_per_step >= 1 and ln.mini_batch_prompts >= 1:
+        need(t.prompts_per_step % ln.mini_batch_prompts == 0,
+             f"learner.mini_batch_prompts={ln.mini_batch_prompts} does not divide "
+             f"trainer.prompts_per_step={t.prompts_per_step}")
+        seqs = ln.mini_batch_prompts * r.samples_per_prompt
+        if ln.num_learners >= 1 and ln.micro_batch_per_device >= 1:
+            need(seqs % ln.num_learners == 0,
+                 f"a mini-batch of {seqs} on-policy sequences (mini_batch_prompts x samples_per_prompt) "
+                 f"does not split over learner.num_learners={ln.num_learners}")
+            per_rank = seqs // max(ln.num_learners, 1)
+            need(per_rank % ln.micro_batch_per_device == 0,
+                 f"learner.micro_batch_per_device={ln.micro_batch_per_device} does not divide the "
+                 f"{per_rank} on-policy sequences each rank gets per mini-batch")
+    need(d.max_prompt_length + r.max_response_length <= m.max_model_len,
+         f"data.max_prompt_length ({d.max_prompt_length}) + rollout.max_response_length "
+         f"({r.max_response_length}) exceeds model.max_model_len ({m.max_model_len})")
+    ctx = model_context_length(m.path)
+    need(ctx is None or m.max_model_len <= ctx,
+         f"model.max_model_len={m.max_model_len} exceeds the model's context ({ctx} tokens, {m.path}/config.json)")
+    if problems:
+        raise ConfigError(problems)
+    return cfg
