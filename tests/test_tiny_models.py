@@ -30,7 +30,8 @@ def test_models_load_in_transformers(tiny_models):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     text_model = AutoModelForCausalLM.from_pretrained(tiny_models["tiny-qwen2"])
-    assert AutoConfig.from_pretrained(tiny_models["tiny-qwen2"]).head_dim == 32
+    cfg = AutoConfig.from_pretrained(tiny_models["tiny-qwen2"])
+    assert cfg.hidden_size // cfg.num_attention_heads == 32  # vLLM CPU attention needs head_dim >= 32
     vl = AutoModelForImageTextToText.from_pretrained(tiny_models["tiny-qwen2.5-vl"])
     assert type(vl).__name__ == "Qwen2_5_VLForConditionalGeneration"
     assert sum(p.numel() for p in text_model.parameters()) < 2_000_000
@@ -67,7 +68,7 @@ def test_vl_model_through_vllm_matches_transformers(tiny_models, tmp_path):
     run = subprocess.run([sys.executable, "-c", VLLM_SCRIPT, path, chat, str(tmp_path / "img.png")],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
-    v = json.loads(run.stdout.split("RESULT")[-1])
+    v = json.loads(run.stdout.split("RESULT")[-1].splitlines()[0])
 
     vis = image_tensors(proc, example.images)
     ids = tok(expand_image_pads(chat, vis["image_grid_thw"], proc.merge_size), return_tensors="pt").input_ids

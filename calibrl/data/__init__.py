@@ -11,7 +11,16 @@ from calibrl.data.reader import DataError, FileReport, PromptSampler, ReadReport
 from calibrl.data.schema import EXAMPLE_SCHEMA, Example, examples_to_table, write_examples
 
 __all__ = [
-    "EXAMPLE_SCHEMA", "Example", "examples_to_table", "write_examples",
-    "DataError", "FileReport", "ReadReport", "iter_examples", "load_examples", "PromptSampler",
-    "format_prompt", "to_chat_messages",
+    "EXAMPLE_SCHEMA",
+    "DataError",
+    "Example",
+    "FileReport",
+    "PromptSampler",
+    "ReadReport",
+    "examples_to_table",
+    "format_prompt",
+    "iter_examples",
+    "load_examples",
+    "to_chat_messages",
+    "write_examples",
 ]

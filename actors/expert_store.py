@@ -1,0 +1,264 @@
+"""Expert-trajectory store (actor name `expert-store`): expert chains of thought keyed by prompt id,
+tokenised as the assistant response, for the groups of sections 4 and 6 of ALGORITHM.md.
+
+`ExpertStore` is a plain class; the driver makes it an actor with
+`named_actor(ExpertStore, "expert-store", num_cpus=..., files=..., tokenizer_path=..., ...)`.
+
+Where experts come from:
+- the dataset's expert column (`experts` in calibrl files, `data.expert_key` in reference files),
+  read lazily: the first `get` indexes prompt id -> (file, row group, row) from the id columns only,
+  and a miss reads just the expert column of the row groups it needs. Ids follow the reader's rules
+  (`calibrl.data.reader`), so they equal `Example.id`; a repeated id keeps its first row, as
+  `load_examples` does;
+- additions (`add`), kept in memory and persisted to `<additions_dir>/additions.parquet`, rewritten
+  atomically (temp file + fsync + os.replace) on every add, and reloaded when a store is built over
+  the same directory (an actor restart keeps them).
+
+Memory: the index (ids and integers) plus an LRU of at most `max_cached` prompts' tokenised experts.
+A prompt's experts are its dataset experts in column order, then its additions in insertion order.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter, OrderedDict, defaultdict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from transformers import AutoTokenizer
+
+from calibrl.data.reader import DataError, _BadRow, _detect_layout, _example_id, _experts
+
+ADDITIONS_FILE = "additions.parquet"
+ADDITIONS_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("text", pa.string(), nullable=False),  # expert trajectory, `<think>..</think><answer>..</answer>`
+    pa.field("source", pa.string(), nullable=False),  # who wrote it (e.g. a model name or "rollout")
+])
+DATASET_SOURCE = "dataset"
+EXPERT_CHOICES = ("first", "random")
+
+
+@dataclass(frozen=True)
+class ExpertRecord:
+    """One expert trajectory of a prompt, tokenised as the assistant response."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    """`tokenizer(text, add_special_tokens=False).input_ids` followed by the eos token id."""
+    source: str
+    """`dataset`, or the source given to `add`."""
+
+
+@dataclass(frozen=True)
+class _Location:
+    file: int
+    row_group: int
+    offset: int  # row within the row group
+    row: int  # row within the file (for error messages)
+
+
+class ExpertStore:
+    def __init__(self, *, files: Sequence[str], tokenizer_path: str, additions_dir: str,
+                 expert_key: str = "solution", choice: str = "first", seed: int = 0, max_cached: int = 4096):
+        """files: dataset parquet files (data.train_files); tokenizer_path: local model directory;
+        additions_dir: where `additions.parquet` lives; expert_key: reference-format expert column;
+        choice: `first` or `random` (algorithm.expert_choice), random draws seeded by `seed`;
+        max_cached: prompts whose tokenised experts are kept in memory (LRU)."""
+        if choice not in EXPERT_CHOICES:
+            raise ValueError(f"choice={choice!r}: use one of {EXPERT_CHOICES}")
+        if max_cached < 1:
+            raise ValueError(f"max_cached={max_cached} must be >= 1")
+        self.files = [os.fspath(f) for f in files]
+        self.expert_key = expert_key
+        self.choice = choice
+        self.max_cached = max_cached
+        self.rng = np.random.default_rng(seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"the tokenizer at {tokenizer_path} has no eos token")
+        self.additions_path = os.path.join(os.fspath(additions_dir), ADDITIONS_FILE)
+        self.additions: dict[str, list[tuple[str, str]]] = defaultdict(list)  # prompt id -> [(text, source)]
+        self._additions_rows: list[dict] = []
+        self._load_additions()
+        self._index: Optional[dict[str, _Location]] = None
+        self._layouts: list = []  # the reader's column layout of each file
+        self._cache: OrderedDict[str, list[ExpertRecord]] = OrderedDict()
+        self.counts: Counter = Counter()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _load_additions(self) -> None:
+        if not os.path.exists(self.additions_path):
+            return
+        table = pq.read_table(self.additions_path)
+        for name in ADDITIONS_SCHEMA.names:
+            if name not in table.column_names:
+                raise DataError(self.additions_path, None, name, "column missing", reason="schema")
+        for row, record in enumerate(table.select(ADDITIONS_SCHEMA.names).to_pylist()):
+            problem = _addition_problem(record["prompt_id"], record["text"], record["source"])
+            if problem:
+                _, field, message = problem
+                raise DataError(self.additions_path, row, field, message)
+            self.additions[record["prompt_id"]].append((record["text"], record["source"]))
+            self._additions_rows.append(record)
+
+    def _build_index(self) -> dict[str, _Location]:
+        """prompt id -> where its experts are, from the id columns only (no expert text is read)."""
+        index: dict[str, _Location] = {}
+        for f, path in enumerate(self.files):
+            parquet = pq.ParquetFile(path)
+            layout = _detect_layout(path, parquet.schema_arrow, self.expert_key)
+            self._layouts.append(layout)
+            if layout.experts is None:
+                self.counts["files_without_expert_column"] += 1
+                continue
+            stem = os.path.splitext(os.path.basename(path))[0]
+            id_column = {"id": "id", "extra_info.index": "extra_info"}.get(layout.id)
+            row = 0
+            for rg in range(parquet.num_row_groups):
+                n = parquet.metadata.row_group(rg).num_rows
+                ids = parquet.read_row_group(rg, columns=[id_column]).column(0).to_pylist() if id_column else [None] * n
+                for offset, value in enumerate(ids):
+                    prompt_id = _example_id(layout, {id_column: value} if id_column else {}, stem, row)
+                    index.setdefault(prompt_id, _Location(f, rg, offset, row))
+                    row += 1
+        self.counts["indexed_prompts"] = len(index)
+        return index
+
+    def _dataset_experts(self, prompt_ids: Sequence[str]) -> dict[str, tuple[str, ...]]:
+        """Expert texts of the given indexed prompts, reading each needed row group's expert column once."""
+        by_group: dict[tuple[int, int], list[str]] = defaultdict(list)
+        for pid in prompt_ids:
+            loc = self._index[pid]
+            by_group[(loc.file, loc.row_group)].append(pid)
+        texts: dict[str, tuple[str, ...]] = {}
+        for (f, rg), pids in by_group.items():
+            path, layout = self.files[f], self._layouts[f]
+            values = pq.ParquetFile(path).read_row_group(rg, columns=[layout.experts]).column(0)
+            self.counts["row_groups_read"] += 1
+            for pid in pids:
+                loc = self._index[pid]
+                try:
+                    texts[pid] = _experts(layout, values[loc.offset].as_py())
+                except _BadRow as bad:
+                    raise DataError(path, loc.row, bad.field, bad.message, reason=bad.reason) from None
+        return texts
+
+    def _tokenise(self, texts: list[str]) -> list[tuple[int, ...]]:
+        if not texts:
+            return []
+        eos = self.tokenizer.eos_token_id
+        return [tuple(ids) + (eos,) for ids in self.tokenizer(texts, add_special_tokens=False).input_ids]
+
+    def _records(self, prompt_ids: list[str]) -> dict[str, list[ExpertRecord]]:
+        """All experts of each prompt, tokenised, through the LRU cache."""
+        out: dict[str, list[ExpertRecord]] = {}
+        missing = []
+        for pid in prompt_ids:
+            if pid in self._cache:
+                self._cache.move_to_end(pid)
+                out[pid] = self._cache[pid]
+                self.counts["cache_hits"] += 1
+            else:
+                missing.append(pid)
+        if not missing:
+            return out
+        self.counts["cache_misses"] += len(missing)
+        if self._index is None:
+            self._index = self._build_index()
+        from_dataset = self._dataset_experts([pid for pid in missing if pid in self._index])
+        pending = [(pid, text, DATASET_SOURCE) for pid in missing for text in from_dataset.get(pid, ())]
+        pending += [(pid, text, source) for pid in missing for text, source in self.additions.get(pid, ())]
+        token_ids = self._tokenise([text for _, text, _ in pending])
+        fresh: dict[str, list[ExpertRecord]] = {pid: [] for pid in missing}
+        for (pid, text, source), ids in zip(pending, token_ids):
+            fresh[pid].append(ExpertRecord(text=text, token_ids=ids, source=source))
+        for pid in missing:
+            self.counts["unknown_prompt_ids"] += pid not in self._index and pid not in self.additions
+            out[pid] = self._cache[pid] = fresh[pid]
+            if len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        return out
+
+    # -- public API ---------------------------------------------------------------------------
+
+    def get(self, prompt_ids: Sequence[str], k: int) -> dict[str, list[ExpertRecord]]:
+        """Up to `k` experts per prompt (fewer when a prompt has fewer; [] when it has none).
+
+        `first`: the prompt's first k experts; `random`: k drawn without replacement from the
+        store's seeded generator (the draws depend on the order of calls since construction).
+        """
+        if k < 1:
+            raise ValueError(f"k={k} must be >= 1")
+        prompt_ids = list(dict.fromkeys(prompt_ids))
+        records = self._records(prompt_ids)
+        chosen: dict[str, list[ExpertRecord]] = {}
+        for pid in prompt_ids:
+            experts = records[pid]
+            if self.choice == "random" and len(experts) > k:
+                chosen[pid] = [experts[i] for i in self.rng.choice(len(experts), size=k, replace=False)]
+            else:
+                chosen[pid] = experts[:k]
+            self.counts["prompts_without_expert"] += not experts
+            self.counts["experts_returned"] += len(chosen[pid])
+        self.counts["get_calls"] += 1
+        return chosen
+
+    def add(self, prompt_id: str, trajectory_text: str, source: str) -> None:
+        """Add an expert trajectory for `prompt_id` and persist it before returning."""
+        self.add_many([(prompt_id, trajectory_text, source)])
+
+    def add_many(self, items: Sequence[tuple[str, str, str]]) -> None:
+        """Add several (prompt_id, trajectory_text, source) at once, with one write of additions.parquet.
+        Every item is checked before anything is stored."""
+        for i, (prompt_id, text, source) in enumerate(items):
+            problem = _addition_problem(prompt_id, text, source)
+            if problem:
+                error, field, message = problem
+                raise error(f"ExpertStore.add: item {i}, field '{field}': {message}")
+        rows = self._additions_rows + [{"prompt_id": p, "text": t, "source": s} for p, t, s in items]
+        _write_atomic(self.additions_path, pa.Table.from_pylist(rows, schema=ADDITIONS_SCHEMA))
+        self._additions_rows = rows
+        for prompt_id, text, source in items:
+            self.additions[prompt_id].append((text, source))
+            self._cache.pop(prompt_id, None)  # re-read with the addition on the next get
+        self.counts["added"] += len(items)
+
+    def state(self) -> dict:
+        """Counts for metrics: indexed prompts, cache hits/misses/size, row groups read, additions, ..."""
+        return dict(self.counts) | {"cached_prompts": len(self._cache), "additions": len(self._additions_rows)}
+
+
+def _addition_problem(prompt_id, text, source) -> Optional[tuple[type, str, str]]:
+    """(exception type, field, message) for an invalid addition; None for a valid one."""
+    for field, value in (("prompt_id", prompt_id), ("trajectory_text", text), ("source", source)):
+        if not isinstance(value, str):
+            return TypeError, field, f"expected a str, got {type(value).__name__}"
+        if not value.strip():
+            return ValueError, field, "empty"
+    if source == DATASET_SOURCE:
+        return ValueError, "source", f"{DATASET_SOURCE!r} is reserved for the dataset's experts"
+    return None
+
+
+def _write_atomic(path: str, table: pa.Table) -> None:
+    """Write `table` to `path` via a temp file in the same directory, fsync, then os.replace."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

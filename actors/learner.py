@@ -1,0 +1,257 @@
+"""Learner: one DeepSpeed ZeRO data-parallel rank per actor (`learner-0`, `learner-1`, ...).
+
+Created by `ActorGroup(Learner, n, name_prefix="learner", ...)`, which hands every rank rank 0's
+address and a free port; the ranks form one torch.distributed group (gloo on CPU, NCCL on GPU).
+
+Every rank receives the whole step batch (one object in Ray's store) and takes its own rows, so
+global normalisers (token and sequence counts of a mini-batch) are known locally, without a
+collective. Gradient accumulation is owned here (DeepSpeed's `managed_gradient_accumulation:
+false`): each micro-batch's loss is already its share of the mini-batch loss (normalised by the
+mini-batch's global token count), so backward runs unscaled and DeepSpeed's data-parallel
+gradient mean is undone by multiplying by the world size. The update therefore does not depend
+on the micro-batch size or the number of ranks. All maths (log-probs, entropy, losses) comes
+from `calibrl`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from functools import lru_cache
+
+import torch
+
+from calibrl.algo import POLICY_LOSSES, TrainBatch
+from calibrl.inputs import image_tensors
+from calibrl.modeling import is_vl_model, response_logprobs
+
+
+def ds_config(*, zero_stage: int, grad_clip: float, bf16: bool, micro_batch_per_device: int) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": micro_batch_per_device,
+        "gradient_accumulation_steps": 1,
+        "managed_gradient_accumulation": False,  # this class decides where a mini-batch ends
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {"stage": zero_stage},
+        "zero_allow_untested_optimizer": True,  # torch AdamW (DeepSpeed's fused Adam is CUDA-only)
+        "bf16": {"enabled": bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if zero_stage == 3:
+        cfg["zero_optimization"].update(stage3_param_persistence_threshold=0,
+                                        stage3_gather_16bit_weights_on_model_save=True)
+    return cfg
+
+
+def lr_lambda(*, warmup_steps: int, total_steps: int, schedule: str):
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "cosine":
+            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return f
+
+
+class Learner:
+    def __init__(self, *, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
+                 zero_stage: int = 2, lr: float = 1e-6, weight_decay: float = 0.0, grad_clip: float = 1.0,
+                 lr_warmup_steps: int = 0, lr_schedule: str = "constant", total_updates: int = 1000,
+                 micro_batch_per_device: int = 4, gradient_checkpointing: bool = False, seed: int = 0):
+        os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
+                          WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        cuda = torch.cuda.is_available()
+        if not cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+        from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText
+
+        self.rank, self.world_size = rank, world_size
+        self.micro_batch_per_device = micro_batch_per_device
+        self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        torch.manual_seed(seed + rank)
+
+        vl = hasattr(AutoConfig.from_pretrained(model_path), "vision_config")
+        cls = AutoModelForImageTextToText if vl else AutoModelForCausalLM
+        model = cls.from_pretrained(model_path, dtype=torch.bfloat16 if cuda else torch.float32)
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self.image_processor = AutoImageProcessor.from_pretrained(model_path) if vl else None
+        self.model_path = model_path
+
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lr_lambda(warmup_steps=lr_warmup_steps, total_steps=total_updates, schedule=lr_schedule))
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler,
+            config=ds_config(zero_stage=zero_stage, grad_clip=grad_clip, bf16=cuda,
+                             micro_batch_per_device=micro_batch_per_device))
+        self.zero_stage = zero_stage
+        self.updates = 0
+
+    # ---- batch plumbing ---------------------------------------------------------------------
+
+    def _my_rows(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """This rank's share of `rows`, cut into micro-batches; every rank gets the same number of
+        micro-batches (an empty one where a rank runs short) so ZeRO's collectives stay in step."""
+        mine = rows[self.rank::self.world_size]
+        n_micro = math.ceil(math.ceil(len(rows) / self.world_size) / self.micro_batch_per_device)
+        return list(torch.tensor_split(mine, n_micro)) if n_micro else []
+
+    def _forward(self, batch: TrainBatch, rows: torch.Tensor, *, with_entropy: bool):
+        """Response log-probs (and entropy) for `rows` of the batch, on this rank's device."""
+        mb = batch.select(rows)
+        vis = {}
+        if self.image_processor is not None:
+            images = [img for row in mb.prompt_images for img in row]
+            if images:
+                vis = {k: v.to(self.device) for k, v in self._image_tensors(tuple(images)).items()}
+        d = self.device
+        return response_logprobs(self.engine, mb.prompt_ids.to(d), mb.prompt_mask.to(d), mb.response_ids.to(d),
+                                 mb.response_mask.to(d), with_entropy=with_entropy, **vis)
+
+    @lru_cache(maxsize=64)
+    def _image_tensors(self, images: tuple[bytes, ...]) -> dict[str, torch.Tensor]:
+        return image_tensors(self.image_processor, images)
+
+    # ---- the three jobs of a learner ----------------------------------------------------------
+
+    @torch.no_grad()
+    def compute_logprobs(self, batch: TrainBatch) -> dict[str, torch.Tensor]:
+        """Old log-probs and token entropy of this rank's rows (all rows: on-policy and expert).
+        Returns {'rows', 'logp', 'entropy'}; the driver scatters the ranks' results back."""
+        self.engine.eval()
+        rows = torch.arange(batch.response_ids.shape[0])
+        mine = rows[self.rank::self.world_size]
+        logps, ents = [], []
+        for chunk in torch.split(mine, self.micro_batch_per_device):
+            lp, ent = self._forward(batch, chunk, with_entropy=True)
+            logps.append(lp.float().cpu())
+            ents.append(ent.float().cpu())
+        empty = torch.zeros(0, batch.response_ids.shape[1])
+        return {"rows": mine, "logp": torch.cat(logps) if logps else empty,
+                "entropy": torch.cat(ents) if ents else empty}
+
+    def train_step(self, batch: TrainBatch, *, loss_name: str, loss_kwargs: dict, mini_batches: int = 1,
+                   epochs: int = 1) -> dict[str, float]:
+        """One optimizer update per mini-batch (rows grouped by prompt), `epochs` passes."""
+        self.engine.train()
+        loss_fn = POLICY_LOSSES[loss_name]
+        t0 = time.time()
+        totals: dict[str, float] = {}
+        n_updates = 0
+        for _ in range(epochs):
+            for mini in batch.mini_batches(mini_batches):
+                norm = mini.loss_normalisers()
+                for micro_rows in self._my_rows(torch.arange(mini.response_ids.shape[0])):
+                    empty = len(micro_rows) == 0
+                    rows = micro_rows if not empty else torch.tensor([0])
+                    logp, entropy = self._forward(mini, rows, with_entropy=loss_kwargs.get("entropy_coef", 0) > 0)
+                    mb = mini.select(rows).to(self.device)
+                    loss, metrics = loss_fn(logp, mb, entropy=entropy, **norm, **loss_kwargs)
+                    # DeepSpeed averages gradients over ranks; the loss is already a global share
+                    scale = 0.0 if empty else float(self.world_size)
+                    self.engine.backward(loss * scale, scale_wrt_gas=False)
+                    if not empty:
+                        for k, v in metrics.items():
+                            totals[k] = totals.get(k, 0.0) + float(v)
+                        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+                self.engine.step()
+                n_updates += 1
+                self.updates += 1
+        out = {f"train/{k}": v for k, v in totals.items()}
+        out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out["train/lr"] = self.scheduler.get_last_lr()[0]
+        out["train/updates"] = n_updates
+        out["time/train_rank_s"] = time.time() - t0
+        return out
+
+    # ---- weights out: to the rollout engines and to disk ----------------------------------------
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full HF-named weights on CPU; under ZeRO-3 every rank must call this (it gathers)."""
+        import deepspeed
+
+        named = list(self.engine.module.named_parameters())
+        if self.zero_stage == 3:
+            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
+                return {n: p.detach().cpu().clone() for n, p in named}
+        return {n: p.detach().cpu() for n, p in named}
+
+    def export_weights(self, version: int, out_dir: str) -> str | None:
+        """Write the full state dict as safetensors under out_dir/v{version} (rank 0); returns the path."""
+        from safetensors.torch import save_file
+
+        state = self.full_state_dict()
+        if self.rank != 0:
+            return None
+        path = os.path.join(out_dir, f"v{version}")
+        os.makedirs(path, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
+        return path
+
+    def init_nccl_weight_sync(self, rollout_workers: list, world_size: int) -> None:
+        """Join vLLM's NCCL weight-transfer group (GPU): rank 0 sends, the engines receive."""
+        from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
+        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
+        from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo,
+                                                                   NCCLTrainerWeightTransferEngine)
+
+        from actors.group import free_port, node_address
+
+        learner = self
+
+        class GatheredSource(WeightSource):  # full tensors, gathered in lockstep on every rank under ZeRO-3
+            def metadata(self):
+                return [ParamMeta(n, p.dtype, tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape))
+                        for n, p in learner.engine.module.named_parameters()]
+
+            def __iter__(self):
+                import deepspeed
+
+                for n, p in learner.engine.module.named_parameters():
+                    with deepspeed.zero.GatheredParameters([p], enabled=learner.zero_stage == 3):
+                        yield n, p.detach()
+
+        import torch.distributed as dist
+
+        addr_port = [node_address(), free_port()] if self.rank == 0 else [None, None]
+        dist.broadcast_object_list(addr_port, src=0)
+        info = NCCLTrainerInitInfo(master_address=addr_port[0], master_port=addr_port[1], world_size=world_size,
+                                   rank=self.rank)
+        self.nccl_sync = NCCLTrainerWeightTransferEngine.trainer_init(
+            info, client=RayVLLMWeightSyncClient(rollout_workers), source=GatheredSource())
+
+    def broadcast_weights(self, version: int) -> None:
+        import ray
+
+        self.nccl_sync.send_weights()  # start, broadcast, finish on every engine (rank 0 drives them)
+        if self.rank == 0:
+            ray.get([h.update_weight_version.remote(str(version)) for h in self.nccl_sync.client.handles])
+
+    def save_checkpoint(self, ckpt_dir: str) -> None:
+        """DeepSpeed's own state (model, optimizer, scheduler) plus an HF `save_pretrained` export
+        under ckpt_dir/hf that transformers and vLLM load."""
+        from transformers import AutoTokenizer
+
+        self.engine.save_checkpoint(ckpt_dir, tag="deepspeed")
+        state = self.full_state_dict()
+        if self.rank == 0:
+            hf_dir = os.path.join(ckpt_dir, "hf")
+            self.engine.module.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(hf_dir)
+            if self.image_processor is not None:
+                self.image_processor.save_pretrained(hf_dir)
+
+    def load_checkpoint(self, ckpt_dir: str) -> None:
+        self.engine.load_checkpoint(ckpt_dir, tag="deepspeed")
+
+    def barrier(self) -> int:
+        import torch.distributed as dist
+
+        dist.barrier()
+        return self.rank

@@ -1,0 +1,161 @@
+"""Rollout worker: one vLLM engine per actor (`rollout-0`, `rollout-1`, ...).
+
+The class is plain Python; the driver makes it a Ray actor with
+`ray.remote(RolloutWorker).options(name="rollout-0", ...)`. The engine runs inside the actor
+process (VLLM_ENABLE_V1_MULTIPROCESSING=0) unless tensor parallelism needs vLLM's own workers.
+
+Weights arrive in place, without restarting the engine, through one of two transports:
+- `shm`: the learner writes a safetensors file to /dev/shm and every worker calls vLLM's
+  `reload_weights` on it (works on CPU and GPU);
+- `nccl`: vLLM's RL weight-transfer API (`weight_transfer_config={"backend": "nccl"}`): the
+  learner's rank 0 broadcasts over a NCCL group that includes every engine (GPU only). The
+  methods `init_weight_transfer_engine`, `start_weight_update`, `update_weights`,
+  `finish_weight_update` and `update_weight_version` have the signatures vLLM's
+  `RayVLLMWeightSyncClient` calls, so that client drives these actors directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+
+from calibrl.inputs import decode_images, render_chat
+
+
+@dataclass
+class RolloutRequest:
+    """One prompt to sample `n` responses for."""
+
+    prompt_id: str
+    prompt: str
+    """Text with `<image>` placeholders (rendered with the model's chat template by the worker)."""
+    images: list[bytes] = field(default_factory=list)
+    seed: int | None = None
+    """Sampling seed for this prompt (the driver derives it from the run seed, step and prompt)."""
+
+
+@dataclass
+class SamplingSpec:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+
+
+@dataclass
+class RolloutSample:
+    """One sampled response; `logprobs[t]` is log pi_old of `token_ids[t]` under `weights_version`."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str
+    weights_version: int
+
+
+@dataclass
+class RolloutResult:
+    prompt_id: str
+    prompt_token_ids: list[int]
+    """The prompt as the engine saw it, image tokens expanded (the learner reuses these ids)."""
+    samples: list[RolloutSample]
+
+
+def is_vision_language(model_path: str) -> bool:
+    with open(os.path.join(model_path, "config.json")) as f:
+        return "vision_config" in json.load(f)
+
+
+class RolloutWorker:
+    def __init__(self, *, model_path: str, dtype: str = "float32", max_model_len: int = 1024,
+                 kv_cache_memory_mib: int = 256, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.5, max_images_per_prompt: int = 1,
+                 image_min_pixels: int = 28 * 28 * 4, image_max_pixels: int = 28 * 28 * 16,
+                 weight_sync: str = "shm", seed: int = 0):
+        if tensor_parallel_size == 1:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        import torch
+        from vllm import LLM
+
+        t0 = time.time()
+        kwargs: dict = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
+                            tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True)
+        if torch.cuda.is_available():
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            # never vLLM's CPU default of most of the RAM
+            kwargs.update(kv_cache_memory_bytes=kv_cache_memory_mib * 1024**2, enforce_eager=True)
+        if is_vision_language(model_path):
+            kwargs.update(limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
+                          mm_processor_kwargs={"min_pixels": image_min_pixels, "max_pixels": image_max_pixels})
+        if weight_sync == "nccl":
+            kwargs["weight_transfer_config"] = {"backend": "nccl"}
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.weights_version = 0
+        self.startup_s = time.time() - t0
+
+    # ---- sampling -------------------------------------------------------------------------
+
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingSpec) -> list[RolloutResult]:
+        """Sample `sampling.n` responses per request; temperature 0 is greedy."""
+        from vllm import SamplingParams
+
+        prompts, params = [], []
+        for r in requests:
+            p: dict = {"prompt": render_chat(self.tokenizer, r.prompt)}
+            if r.images:
+                p["multi_modal_data"] = {"image": decode_images(r.images)}
+            prompts.append(p)
+            params.append(SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
+                                         max_tokens=sampling.max_tokens, logprobs=0, seed=r.seed))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        version = self.weights_version
+        return [
+            RolloutResult(
+                prompt_id=r.prompt_id,
+                prompt_token_ids=list(out.prompt_token_ids),
+                samples=[RolloutSample(token_ids=list(c.token_ids),
+                                       logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                                       text=c.text, finish_reason=str(c.finish_reason), weights_version=version)
+                         for c in out.outputs])
+            for r, out in zip(requests, outputs)
+        ]
+
+    # ---- weight sync: shared-memory safetensors --------------------------------------------
+
+    def load_weights_from_path(self, version: int, weights_path: str) -> float:
+        """Load the full HF-named state dict saved under `weights_path` in place; returns seconds."""
+        t0 = time.time()
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_path})
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        self.weights_version = version
+        return time.time() - t0
+
+    # ---- weight sync: vLLM's NCCL weight-transfer API (GPU) ---------------------------------
+
+    def init_weight_transfer_engine(self, request) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(request.init_info,))
+
+    def start_weight_update(self) -> None:
+        self.llm.collective_rpc("start_weight_update")
+
+    def update_weights(self, request) -> None:
+        self.llm.collective_rpc("update_weights", args=(request.update_info,))
+
+    def finish_weight_update(self) -> None:
+        self.llm.collective_rpc("finish_weight_update")
+        self.llm.reset_prefix_cache()
+
+    def update_weight_version(self, version: str) -> None:
+        self.weights_version = int(version)
+
+    def shutdown_weight_transfer_engine(self) -> None:
+        self.llm.collective_rpc("shutdown_weight_transfer_engine")
+
+    # ---- introspection ----------------------------------------------------------------------
+
+    def info(self) -> dict:
+        return {"weights_version": self.weights_version, "startup_s": round(self.startup_s, 2), "pid": os.getpid()}

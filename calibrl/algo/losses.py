@@ -1,0 +1,431 @@
+"""Sections 3-5 of ALGORITHM.md (dual-clip policy gradient, calibration term with the expert as
+baseline, total loss) and the baselines' policy losses (GRPO, Dr.GRPO, DAPO, SFT, LUFFY, RL-PLUS).
+
+Two layers:
+- tensor functions (`calibrl_loss`, `ppo_loss`, `sft_loss`, `luffy_loss`, `rlplus_loss`,
+  `agg_loss`, `dual_clip_pg`, `calibration_term`) take (B, T) / (B,) tensors and numbers as
+  keywords; anyone with their own trainer can call them;
+- `POLICY_LOSSES[name](logp, batch, **knobs)` takes a `TrainBatch` and the same keyword set for
+  every name (each ignores knobs its method has no use for), and `compute_loss` adds the optional
+  entropy bonus and KL penalty. The learner calls `compute_loss`.
+
+Normalisers. Every loss takes `global_tokens` (token-mean) and `global_seqs` (seq-mean-*): the
+number of loss tokens / loss sequences in the whole (mini-)batch, counted by `loss_normalizers`.
+With them, a micro-batch or data-parallel shard returns its share of the whole-batch loss: the
+shares sum to the whole-batch loss and their gradients sum to its gradient (under DDP/ZeRO, whose
+all-reduce averages gradients, scale each rank's loss by the world size). None means "this
+call's own count". Metrics are detached 0-d tensors (no device sync); `*_loss` metrics and the
+token fractions use the same normalisers, so they too add up over micro-batches and shards.
+
+Departures from the paper / reference code:
+- The calibration term only acts on on-policy rows whose group kept an expert (`has_expert`); a
+  group whose expert the mixup policy dropped trains like GRPO (in the reference code such rows
+  would see b_t = 0). The term is still averaged over all on-policy tokens, like the PG term.
+- `seq-mean-token-sum-norm` (Dr.GRPO) divides the summed token losses by `norm_length` (pass the
+  rollout's max response length; default the padded T) and by the number of sequences.
+- grpo, drgrpo, dapo and sft_grpo share `ppo_loss`; as published they differ in the config:
+  grpo std_normalize, token-mean; drgrpo no std, seq-mean-token-sum-norm; dapo std_normalize,
+  token-mean, clip_high 0.28, dynamic_sampling, overlong shaping. LUFFY and RL-PLUS count the
+  expert in the group baseline (the calibration stage's `expert_in_baseline=True`).
+- LUFFY's expert-token weight f(p) = p / (p + 0.1) and RL-PLUS's weight are unclipped and apply
+  to expert rows only; RL-PLUS's (1 - p)^0.5 focus factor is detached, as in its paper.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+
+
+# ---------------------------------------------------------------------------------------------
+# aggregation
+
+
+def _masked_sum(x: Tensor, mask: Tensor) -> Tensor:
+    """sum(x * mask) as one dot product (no (B, T) temporary). x, mask: (B, T) same dtype."""
+    return torch.dot(x.reshape(-1), mask.reshape(-1))
+
+
+def _row_sums(x: Tensor, mask: Tensor) -> Tensor:
+    """Per-row sum(x * mask): (B, T), (B, T) -> (B,)."""
+    return torch.bmm(x.unsqueeze(1), mask.unsqueeze(2)).reshape(-1)
+
+
+def agg_loss(loss_mat: Tensor, mask: Tensor, *, agg: str = "token-mean", global_tokens: float | None = None,
+             global_seqs: float | None = None, norm_length: int | None = None) -> Tensor:
+    """Section 5's agg over the tokens where `mask` is set.
+
+    loss_mat: (B, T) float; mask: (B, T) bool or float. Modes:
+    - token-mean: sum / global_tokens (default: this call's mask count);
+    - seq-mean-token-mean: sum over sequences of (the sequence's token mean) / global_seqs;
+    - seq-mean-token-sum: sum / global_seqs;
+    - seq-mean-token-sum-norm: sum / (norm_length or T) / global_seqs (Dr.GRPO).
+    global_seqs defaults to the number of rows with at least one masked token. Returns a 0-d tensor.
+    """
+    mask = mask.to(loss_mat.dtype)
+    if agg == "token-mean":
+        denom = global_tokens if global_tokens is not None else mask.sum().clamp(min=1)
+        return _masked_sum(loss_mat, mask) / denom
+    if agg not in LOSS_AGGS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {', '.join(LOSS_AGGS)}")
+    seqs = global_seqs if global_seqs is not None else (mask.sum(-1) > 0).sum().clamp(min=1)
+    if agg == "seq-mean-token-mean":
+        return (_row_sums(loss_mat, mask) / mask.sum(-1).clamp(min=1)).sum() / seqs
+    total = _masked_sum(loss_mat, mask)
+    if agg == "seq-mean-token-sum":
+        return total / seqs
+    return total / (norm_length or loss_mat.shape[-1]) / seqs
+
+
+def _token_normalizer(mask: Tensor, global_tokens: float | None) -> Tensor | float:
+    return global_tokens if global_tokens is not None else mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-token terms
+
+
+def dual_clip_pg(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low: float = 0.2,
+                 clip_high: float = 0.2, clip_ratio_c: float = 3.0) -> tuple[Tensor, Tensor]:
+    """Section 3: per-token dual-clip PPO loss.
+
+    logp, old_logp: (B, T); advantages: (B,). Returns (loss (B, T), ratio (B, T)) with
+    l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)), then min(l, -A c) where A < 0.
+    """
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    neg_adv = -advantages.unsqueeze(-1)
+    pg = torch.maximum(neg_adv * ratio, neg_adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
+    # dual clip: cap the loss at -A c for A < 0 (an infinite cap elsewhere)
+    cap = torch.where(advantages < 0, -advantages * clip_ratio_c, torch.full_like(advantages, float("inf")))
+    return torch.minimum(pg, cap.unsqueeze(-1)), ratio
+
+
+def _calibration_parts(logp: Tensor, baseline_logp: Tensor, advantages: Tensor, passed: Tensor, *,
+                       alpha: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(g, u = -s |A| d, d = logp - b), each (B, T); |A| LeakyReLU(z) = LeakyReLU(|A| z) as |A| >= 0."""
+    gap = logp - baseline_logp
+    scale = torch.where(passed, -advantages.abs(), advantages.abs())  # -s |A|
+    u = gap * scale.unsqueeze(-1)
+    return F.leaky_relu(u, negative_slope=alpha), u, gap
+
+
+def calibration_term(logp: Tensor, baseline_logp: Tensor, advantages: Tensor, passed: Tensor, *,
+                     alpha: float = 0.5) -> Tensor:
+    """Section 4: g_t = |A| * LeakyReLU(-s * (logp_t - b_t), negative_slope=alpha), s = +1 if passed else -1.
+
+    logp: (B, T); baseline_logp: (B, T) (token baseline) or (B, 1) (sequence baseline), detached;
+    advantages: (B,); passed: (B,) bool. Returns (B, T).
+    """
+    return _calibration_parts(logp, baseline_logp, advantages, passed, alpha=alpha)[0]
+
+
+def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    """Per-token k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 >= 0. (B, T)."""
+    diff = ref_logp - logp
+    return torch.exp(diff) - diff - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# tensor-level losses
+
+
+def _pg_metrics(ratio: Tensor, log_ratio_sum: Tensor, advantages: Tensor, mask_b: Tensor, denom, *,
+                clip_low: float, clip_high: float, clip_ratio_c: float) -> dict[str, Tensor]:
+    """Clip fractions and k3 KL over masked tokens, divided by `denom` (no grad)."""
+    inf = torch.full_like(advantages, float("inf"))
+    upper = torch.where(advantages > 0, torch.full_like(advantages, 1.0 + clip_high), inf).unsqueeze(-1)
+    lower = torch.where(advantages < 0, torch.full_like(advantages, 1.0 - clip_low), -inf).unsqueeze(-1)
+    dual = torch.where(advantages < 0, torch.full_like(advantages, clip_ratio_c), inf).unsqueeze(-1)
+    count = lambda cond: torch.count_nonzero(cond & mask_b)  # noqa: E731
+    maskf = mask_b.to(ratio.dtype)
+    # k3(old vs current) = 1/rho - 1 + log rho, summed over masked tokens
+    kl_sum = _masked_sum(torch.reciprocal(ratio), maskf) - maskf.sum() + log_ratio_sum
+    return {
+        "pg_clipfrac_upper": count(ratio > upper) / denom,
+        "pg_clipfrac_lower": count(ratio < lower) / denom,
+        "dual_clip_frac": count(ratio > dual) / denom,
+        "approx_kl": kl_sum / denom,
+    }
+
+
+def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor, *,
+             clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float = 3.0, agg: str = "token-mean",
+             global_tokens: float | None = None, global_seqs: float | None = None,
+             norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO / Dr.GRPO / DAPO policy loss: section 3's dual-clip PG over on-policy rows, aggregated.
+
+    logp, old_logp: (B, T) float; response_mask: (B, T) bool; advantages: (B,) float; is_expert:
+    (B,) bool (expert rows are ignored). The methods differ only in advantages (std or not), agg
+    and clip_high, which the caller passes. Returns (loss 0-d, metrics).
+    """
+    mask_b = response_mask & ~is_expert.unsqueeze(-1)
+    mask = mask_b.to(logp.dtype)
+    pg, ratio = dual_clip_pg(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
+                             clip_ratio_c=clip_ratio_c)
+    loss = agg_loss(pg, mask, agg=agg, global_tokens=global_tokens, global_seqs=global_seqs,
+                    norm_length=norm_length)
+    with torch.no_grad():
+        denom = _token_normalizer(mask, global_tokens)
+        metrics = {"pg_loss": loss.detach()}
+        metrics.update(_pg_metrics(ratio, _masked_sum(logp - old_logp, mask), advantages, mask_b, denom,
+                                   clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c))
+    return loss, metrics
+
+
+def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor,
+                 passed: Tensor, expert_old_logp: Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
+                 clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, agg: str = "token-mean",
+                 baseline: str = "token", expert_mean_logp: Tensor | None = None,
+                 has_expert: Tensor | None = None, global_tokens: float | None = None,
+                 global_seqs: float | None = None, norm_length: int | None = None
+                 ) -> tuple[Tensor, dict[str, Tensor]]:
+    """Sections 3-5: L = agg(dual-clip PG) + lam * agg(calibration term), over on-policy tokens.
+
+    logp, old_logp, expert_old_logp: (B, T) float; response_mask: (B, T) bool; advantages: (B,)
+    float; is_expert, passed: (B,) bool. Row i of expert_old_logp holds its group's expert old
+    log-probs aligned by position, zero past the expert's end (`baseline="token"`).
+    `baseline="sequence"` uses expert_mean_logp: (B,), the expert's mean token log-prob over its
+    own length (`attach_expert_logprobs` fills both). has_expert: (B,) bool, rows whose group kept
+    an expert (default: all); other rows get no calibration term. Expert rows contribute nothing.
+
+    Metrics: pg_loss, calib_loss, pg_clipfrac_upper/lower, dual_clip_frac, approx_kl (k3, old vs
+    current), calib_branch_full_frac / calib_branch_alpha_frac (fractions of on-policy tokens on
+    the slope-1 / slope-alpha branch; tokens with A = 0 or no expert are on neither),
+    expert_policy_gap (sum of b_t - logp_t over on-policy tokens with an expert, per on-policy token).
+    """
+    mask_b = response_mask & ~is_expert.unsqueeze(-1)
+    mask = mask_b.to(logp.dtype)
+    if baseline == "token":
+        b = expert_old_logp
+    elif baseline == "sequence":
+        if expert_mean_logp is None:
+            raise ValueError("baseline='sequence' needs expert_mean_logp (B,)")
+        b = expert_mean_logp.unsqueeze(-1)
+    else:
+        raise ValueError(f"unknown expert baseline {baseline!r}; choose token or sequence")
+    calib_adv = advantages if has_expert is None else advantages * has_expert.to(advantages.dtype)
+
+    pg, ratio = dual_clip_pg(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
+                             clip_ratio_c=clip_ratio_c)
+    calib, u, gap = _calibration_parts(logp, b, calib_adv, passed, alpha=alpha)
+    norms = dict(agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
+    pg_loss = agg_loss(pg, mask, **norms)
+    calib_loss = agg_loss(calib, mask, **norms)
+    loss = pg_loss + lam * calib_loss
+
+    with torch.no_grad():
+        denom = _token_normalizer(mask, global_tokens)
+        rows_with_expert = mask if has_expert is None else mask * has_expert.to(mask.dtype).unsqueeze(-1)
+        metrics = {"pg_loss": pg_loss.detach(), "calib_loss": calib_loss.detach()}
+        metrics.update(_pg_metrics(ratio, _masked_sum(logp - old_logp, mask), advantages, mask_b, denom,
+                                   clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c))
+        metrics["calib_branch_full_frac"] = torch.count_nonzero((u > 0) & mask_b) / denom
+        metrics["calib_branch_alpha_frac"] = torch.count_nonzero((u < 0) & mask_b) / denom
+        metrics["expert_policy_gap"] = -_masked_sum(gap.detach(), rows_with_expert) / denom
+    return loss, metrics
+
+
+def sft_loss(logp: Tensor, response_mask: Tensor, is_expert: Tensor, *, agg: str = "token-mean",
+             global_tokens: float | None = None, global_seqs: float | None = None,
+             norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """SFT baseline: cross-entropy (-logp) on expert rows. logp: (B, T); response_mask: (B, T) bool;
+    is_expert: (B,) bool. Returns (loss, {"sft_loss"})."""
+    mask = (response_mask & is_expert.unsqueeze(-1)).to(logp.dtype)
+    loss = agg_loss(-logp, mask, agg=agg, global_tokens=global_tokens, global_seqs=global_seqs,
+                    norm_length=norm_length)
+    return loss, {"sft_loss": loss.detach()}
+
+
+def _mixed_policy_loss(expert_token_loss: Tensor, logp: Tensor, old_logp: Tensor, advantages: Tensor,
+                       response_mask: Tensor, is_expert: Tensor, *, clip_low: float, clip_high: float,
+                       clip_ratio_c: float, agg: str, global_tokens: float | None, global_seqs: float | None,
+                       norm_length: int | None) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped PG on on-policy rows + a given per-token loss on expert rows, one shared normaliser."""
+    expert_b = is_expert.unsqueeze(-1)
+    on_b = response_mask & ~expert_b
+    off_b = response_mask & expert_b
+    on_mask, off_mask = on_b.to(logp.dtype), off_b.to(logp.dtype)
+    pg, ratio = dual_clip_pg(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
+                             clip_ratio_c=clip_ratio_c)
+    if global_tokens is None:  # one normaliser for both parts: all loss tokens of this call
+        global_tokens = (on_mask.sum() + off_mask.sum()).clamp(min=1)
+    if global_seqs is None:
+        global_seqs = (response_mask.any(-1)).sum().clamp(min=1)
+    norms = dict(agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
+    on_loss = agg_loss(pg, on_mask, **norms)
+    off_loss = agg_loss(expert_token_loss, off_mask, **norms)
+    with torch.no_grad():
+        metrics = {"pg_loss": on_loss.detach(), "expert_pg_loss": off_loss.detach()}
+        metrics.update(_pg_metrics(ratio, _masked_sum(logp - old_logp, on_mask), advantages, on_b,
+                                   global_tokens, clip_low=clip_low, clip_high=clip_high,
+                                   clip_ratio_c=clip_ratio_c))
+    return on_loss + off_loss, metrics
+
+
+def luffy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor, *,
+               clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float = 3.0, shaping_gamma: float = 0.1,
+               agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
+               norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """LUFFY: on-policy rows the dual-clip PG; expert rows -A * f(p), f(p) = p / (p + gamma), p =
+    exp(logp), unclipped, gradient through p. Shapes as `ppo_loss`; the normaliser counts the
+    tokens of both kinds of rows (advantages should count the expert in the group baseline)."""
+    p = torch.exp(logp)
+    expert_loss = -advantages.unsqueeze(-1) * (p / (p + shaping_gamma))
+    return _mixed_policy_loss(expert_loss, logp, old_logp, advantages, response_mask, is_expert,
+                              clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=agg,
+                              global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
+
+
+def rlplus_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor, *,
+                clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float = 3.0, focus_exponent: float = 0.5,
+                agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
+                norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """RL-PLUS: on-policy rows the dual-clip PG; expert tokens -A * w with
+    w = 2p / (p_old + 0.5 (p_old + 1)) * sg[(1 - p)^focus_exponent], p = exp(logp),
+    p_old = exp(old_logp) (the learner's old log-prob of the expert token). Shapes as `ppo_loss`."""
+    p = torch.exp(logp)
+    p_old = torch.exp(old_logp)
+    weight = 2.0 * p / (p_old + 0.5 * (p_old + 1.0)) * (1.0 - p.detach()).clamp(min=0.0).pow(focus_exponent)
+    expert_loss = -advantages.unsqueeze(-1) * weight
+    return _mixed_policy_loss(expert_loss, logp, old_logp, advantages, response_mask, is_expert,
+                              clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=agg,
+                              global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# batch-level entries: one keyword set for every name
+
+
+class LossBatch(Protocol):
+    """The `TrainBatch` fields the losses read."""
+
+    old_logp: Tensor
+    expert_old_logp: Tensor
+    expert_mean_logp: Tensor
+    response_mask: Tensor
+    advantages: Tensor
+    is_expert: Tensor
+    passed: Tensor
+    has_expert: Tensor
+
+
+def _calibrl(logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
+             clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
+             agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
+             norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    return calibrl_loss(logp, batch.old_logp, batch.advantages, batch.response_mask, batch.is_expert,
+                        batch.passed, batch.expert_old_logp, clip_low=clip_low, clip_high=clip_high,
+                        clip_ratio_c=clip_ratio_c, alpha=alpha, lam=lam, agg=agg, baseline=baseline,
+                        expert_mean_logp=batch.expert_mean_logp, has_expert=batch.has_expert,
+                        global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
+
+
+def _ppo(logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
+         clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
+         agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
+         norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    return ppo_loss(logp, batch.old_logp, batch.advantages, batch.response_mask, batch.is_expert,
+                    clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=agg,
+                    global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
+
+
+def _sft(logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
+         clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
+         agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
+         norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    return sft_loss(logp, batch.response_mask, batch.is_expert, agg=agg, global_tokens=global_tokens,
+                    global_seqs=global_seqs, norm_length=norm_length)
+
+
+def _luffy(logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
+           clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
+           agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
+           norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    return luffy_loss(logp, batch.old_logp, batch.advantages, batch.response_mask, batch.is_expert,
+                      clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=agg,
+                      global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
+
+
+def _rlplus(logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
+            clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
+            agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
+            norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    return rlplus_loss(logp, batch.old_logp, batch.advantages, batch.response_mask, batch.is_expert,
+                       clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=agg,
+                       global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
+
+
+PolicyLoss = Callable[..., tuple[Tensor, dict[str, Tensor]]]
+
+POLICY_LOSSES: dict[str, PolicyLoss] = {
+    "calibrl": _calibrl,
+    "grpo": _ppo,
+    "drgrpo": _ppo,
+    "dapo": _ppo,
+    "sft": _sft,
+    "sft_grpo": _ppo,  # the RL phase; the driver uses "sft" during trainer.sft_warmup_steps
+    "luffy": _luffy,
+    "rlplus": _rlplus,
+}
+"""name -> fn(logp, batch, *, clip_low, clip_high, clip_ratio_c, alpha, lam, baseline, agg,
+global_tokens, global_seqs, norm_length) -> (loss, metrics). grpo, drgrpo, dapo and sft_grpo share
+the dual-clip PG loss: they differ in advantages, agg and clip_high, which the
+config sets (see the module docstring)."""
+
+LOSS_ROWS: dict[str, str] = {
+    "calibrl": "on_policy", "grpo": "on_policy", "drgrpo": "on_policy", "dapo": "on_policy",
+    "sft_grpo": "on_policy", "sft": "expert", "luffy": "all", "rlplus": "all",
+}
+"""Which rows each loss averages over: on-policy rows, expert rows, or all rows."""
+
+def loss_token_mask(name: str, batch: LossBatch) -> Tensor:
+    """(B, T) bool: the tokens the loss `name` averages over."""
+    rows = LOSS_ROWS[name]
+    if rows == "all":
+        return batch.response_mask
+    selected = batch.is_expert if rows == "expert" else ~batch.is_expert
+    return batch.response_mask & selected.unsqueeze(-1)
+
+
+def loss_normalizers(name: str, batch: LossBatch) -> dict[str, float]:
+    """{"global_tokens", "global_seqs"} of the loss `name` over `batch` (call it on the whole
+    mini-batch before splitting; under data parallelism sum these counts over the ranks' shards)."""
+    mask = loss_token_mask(name, batch)
+    return {"global_tokens": float(mask.sum()), "global_seqs": float(mask.any(-1).sum())}
+
+
+def compute_loss(name: str, logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
+                 clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
+                 agg: str = "token-mean", entropy: Tensor | None = None, entropy_coef: float = 0.0,
+                 kl_coef: float = 0.0, global_tokens: float | None = None, global_seqs: float | None = None,
+                 norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The learner's entry: POLICY_LOSSES[name] + kl_coef * agg(k3 KL to old_logp)
+    - entropy_coef * agg(entropy), all over `loss_token_mask(name, batch)` with the same normalisers.
+
+    logp: (B, T) current log-probs of batch.response_ids; entropy: (B, T) (needed when
+    entropy_coef > 0; logged as `entropy` when given). Returns (loss, metrics incl. "loss").
+    """
+    loss, metrics = POLICY_LOSSES[name](
+        logp, batch, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, alpha=alpha, lam=lam,
+        baseline=baseline, agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
+    norms = dict(agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
+    mask = loss_token_mask(name, batch)
+    if kl_coef > 0:
+        kl = agg_loss(k3_kl(logp, batch.old_logp), mask, **norms)
+        loss = loss + kl_coef * kl
+        metrics["kl_loss"] = kl.detach()
+    if entropy is not None:
+        ent = agg_loss(entropy, mask, **norms)
+        if entropy_coef > 0:
+            loss = loss - entropy_coef * ent
+        metrics["entropy"] = ent.detach()
+    elif entropy_coef > 0:
+        raise ValueError("entropy_coef > 0 needs the per-token entropy")
+    metrics["loss"] = loss.detach()
+    return loss, metrics

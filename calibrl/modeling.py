@@ -1,0 +1,47 @@
+"""Per-token log-probs (and entropy) of responses under a transformers model.
+
+Rows are laid out as verl does: the prompt LEFT-padded to P tokens, the response RIGHT-padded to
+T tokens, so every response starts at column P and the logits that predict it are the last T+1
+positions (`logits_to_keep`), which keeps the full (B, P+T, vocab) logits from ever existing.
+Text models get explicit position ids (left padding would otherwise shift them); Qwen-VL models
+compute their multimodal rope positions from the attention mask and the image grid themselves.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from calibrl.algo.entropy import entropy_from_logits, logprobs_from_logits
+
+
+def is_vl_model(model) -> bool:
+    return hasattr(model.config, "vision_config")
+
+
+def response_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
+                      response_mask: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
+                      image_grid_thw: torch.Tensor | None = None, temperature: float = 1.0,
+                      with_entropy: bool = False, chunk_size: int = 4096
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log pi(response_t | prompt, response_<t) for each response token.
+
+    prompt_ids, prompt_mask: (B, P) left-padded; response_ids, response_mask: (B, T) right-padded;
+    pixel_values: (num_patches, D) for the images of all rows in row order; image_grid_thw: (num_images, 3).
+    Returns logp (B, T) float32 (0 where response_mask is 0) and, if asked, entropy (B, T).
+    """
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
+    kwargs: dict = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False,
+                    "logits_to_keep": response_ids.shape[1] + 1}
+    if is_vl_model(model):
+        if pixel_values is not None:
+            kwargs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+    else:
+        kwargs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(**kwargs).logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    mask = response_mask.to(logits.dtype)
+    logp = logprobs_from_logits(logits, response_ids, chunk_size=chunk_size) * mask
+    entropy = entropy_from_logits(logits, chunk_size=chunk_size) * mask if with_entropy else None
+    return logp, entropy

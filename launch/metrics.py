@@ -1,0 +1,83 @@
+"""Metric sinks: a JSONL file, TensorBoard, Ray custom metrics (dashboard) and a console line.
+
+One `MetricsLogger.log(step, metrics)` call writes to all of them. The JSONL file is appended
+and flushed each step, so a crash loses nothing already logged; on resume the lines of steps
+after the checkpoint are dropped first so the file reads like one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: str, *, total_steps: int, ray_metrics: bool = True):
+        os.makedirs(output_dir, exist_ok=True)
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.total_steps = total_steps
+        self.start = time.time()
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        self.gauges = {}
+        if ray_metrics:
+            from ray.util.metrics import Gauge
+
+            self._gauge_cls = Gauge
+        else:
+            self._gauge_cls = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps > `step` (written by a run that crashed after its last checkpoint)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, self.path)
+
+    def log(self, step: int, metrics: dict[str, float], *, kind: str = "train") -> None:
+        record = {"step": step, "kind": kind, "time_s": round(time.time() - self.start, 3)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k not in ("step",) and math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+        self.tb.flush()
+        if self._gauge_cls is not None:
+            for k in ("reward/mean", "acc/mean", "val/accuracy", "policy/entropy", "loss/calib"):
+                if k in record and isinstance(record[k], (int, float)):
+                    name = "calibrl_" + k.replace("/", "_")
+                    if name not in self.gauges:
+                        self.gauges[name] = self._gauge_cls(name, description=f"calibrl {k}")
+                    self.gauges[name].set(float(record[k]))
+
+    def console(self, step: int, metrics: dict[str, float], keys: list[str]) -> None:
+        elapsed = time.time() - self.start
+        eta = elapsed / max(step, 1) * (self.total_steps - step)
+        parts = [f"{k.split('/')[-1]}={metrics[k]:.3f}" for k in keys if k in metrics]
+        bar = "#" * int(20 * step / max(self.total_steps, 1))
+        print(f"[{bar:<20}] step {step}/{self.total_steps} {' '.join(parts)} "
+              f"({elapsed:.0f}s, eta {eta:.0f}s)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        return v.item()
+    return v
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    path = os.path.join(output_dir, "metrics.jsonl")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
