@@ -1,8 +1,8 @@
 """Expert-trajectory store (actor name `expert-store`): expert chains of thought keyed by prompt id,
 tokenised as the assistant response, for the groups of sections 4 and 6 of ALGORITHM.md.
 
-`ExpertStore` is a plain class; the driver makes it an actor with
-`named_actor(ExpertStore, "expert-store", num_cpus=..., files=..., tokenizer_path=..., ...)`.
+`ExpertStore` is a plain class; `create_expert_store(cfg)` makes the run's actor `expert-store`
+(train files, the policy's tokenizer, additions under `trainer.output_dir/experts`).
 
 Where experts come from:
 - the dataset's expert column (`experts` in calibrl files, `data.expert_key` in reference files),
@@ -14,8 +14,12 @@ Where experts come from:
   atomically (temp file + fsync + os.replace) on every add, and reloaded when a store is built over
   the same directory (an actor restart keeps them).
 
+Each expert is a `calibrl.algo.ExpertTrajectory`: its text tokenised as the assistant response
+(`tokenizer(text, add_special_tokens=False).input_ids` + eos, a read-only int64 array) and its
+source (`dataset` or the source given to `add`). A prompt's experts are its dataset experts in
+column order, then its additions in insertion order.
+
 Memory: the index (ids and integers) plus an LRU of at most `max_cached` prompts' tokenised experts.
-A prompt's experts are its dataset experts in column order, then its additions in insertion order.
 """
 
 from __future__ import annotations
@@ -23,14 +27,17 @@ from __future__ import annotations
 import os
 import tempfile
 from collections import Counter, OrderedDict, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 
+from actors.group import named_actor
+from calibrl.algo import ExpertTrajectory
+from calibrl.config import Config
 from calibrl.data.reader import DataError, _BadRow, _detect_layout, _example_id, _experts
 
 ADDITIONS_FILE = "additions.parquet"
@@ -41,17 +48,6 @@ ADDITIONS_SCHEMA = pa.schema([
 ])
 DATASET_SOURCE = "dataset"
 EXPERT_CHOICES = ("first", "random")
-
-
-@dataclass(frozen=True)
-class ExpertRecord:
-    """One expert trajectory of a prompt, tokenised as the assistant response."""
-
-    text: str
-    token_ids: tuple[int, ...]
-    """`tokenizer(text, add_special_tokens=False).input_ids` followed by the eos token id."""
-    source: str
-    """`dataset`, or the source given to `add`."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +81,9 @@ class ExpertStore:
         self.additions: dict[str, list[tuple[str, str]]] = defaultdict(list)  # prompt id -> [(text, source)]
         self._additions_rows: list[dict] = []
         self._load_additions()
-        self._index: Optional[dict[str, _Location]] = None
+        self._index: dict[str, _Location] | None = None
         self._layouts: list = []  # the reader's column layout of each file
-        self._cache: OrderedDict[str, list[ExpertRecord]] = OrderedDict()
+        self._cache: OrderedDict[str, list[ExpertTrajectory]] = OrderedDict()
         self.counts: Counter = Counter()
 
     # -- reading ------------------------------------------------------------------------------
@@ -149,15 +145,22 @@ class ExpertStore:
                     raise DataError(path, loc.row, bad.field, bad.message, reason=bad.reason) from None
         return texts
 
-    def _tokenise(self, texts: list[str]) -> list[tuple[int, ...]]:
+    def _tokenise(self, texts: list[str]) -> list[np.ndarray]:
+        """Each text as the assistant response: its tokens without special tokens, then eos; read-only
+        int64 arrays (they are shared with the cache, and travel through Ray without a copy)."""
         if not texts:
             return []
         eos = self.tokenizer.eos_token_id
-        return [tuple(ids) + (eos,) for ids in self.tokenizer(texts, add_special_tokens=False).input_ids]
+        out = []
+        for ids in self.tokenizer(texts, add_special_tokens=False).input_ids:
+            array = np.array(ids + [eos], dtype=np.int64)
+            array.flags.writeable = False
+            out.append(array)
+        return out
 
-    def _records(self, prompt_ids: list[str]) -> dict[str, list[ExpertRecord]]:
+    def _records(self, prompt_ids: list[str]) -> dict[str, list[ExpertTrajectory]]:
         """All experts of each prompt, tokenised, through the LRU cache."""
-        out: dict[str, list[ExpertRecord]] = {}
+        out: dict[str, list[ExpertTrajectory]] = {}
         missing = []
         for pid in prompt_ids:
             if pid in self._cache:
@@ -175,9 +178,9 @@ class ExpertStore:
         pending = [(pid, text, DATASET_SOURCE) for pid in missing for text in from_dataset.get(pid, ())]
         pending += [(pid, text, source) for pid in missing for text, source in self.additions.get(pid, ())]
         token_ids = self._tokenise([text for _, text, _ in pending])
-        fresh: dict[str, list[ExpertRecord]] = {pid: [] for pid in missing}
+        fresh: dict[str, list[ExpertTrajectory]] = {pid: [] for pid in missing}
         for (pid, text, source), ids in zip(pending, token_ids):
-            fresh[pid].append(ExpertRecord(text=text, token_ids=ids, source=source))
+            fresh[pid].append(ExpertTrajectory(token_ids=ids, text=text, source=source))
         for pid in missing:
             self.counts["unknown_prompt_ids"] += pid not in self._index and pid not in self.additions
             out[pid] = self._cache[pid] = fresh[pid]
@@ -187,8 +190,9 @@ class ExpertStore:
 
     # -- public API ---------------------------------------------------------------------------
 
-    def get(self, prompt_ids: Sequence[str], k: int) -> dict[str, list[ExpertRecord]]:
-        """Up to `k` experts per prompt (fewer when a prompt has fewer; [] when it has none).
+    def get(self, prompt_ids: Sequence[str], k: int) -> dict[str, list[ExpertTrajectory]]:
+        """Up to `k` experts per prompt (fewer when a prompt has fewer; [] when it has none), as
+        `calibrl.algo.ExpertTrajectory(token_ids, text, source)`; source is `dataset` or the one given to `add`.
 
         `first`: the prompt's first k experts; `random`: k drawn without replacement from the
         store's seeded generator (the draws depend on the order of calls since construction).
@@ -197,7 +201,7 @@ class ExpertStore:
             raise ValueError(f"k={k} must be >= 1")
         prompt_ids = list(dict.fromkeys(prompt_ids))
         records = self._records(prompt_ids)
-        chosen: dict[str, list[ExpertRecord]] = {}
+        chosen: dict[str, list[ExpertTrajectory]] = {}
         for pid in prompt_ids:
             experts = records[pid]
             if self.choice == "random" and len(experts) > k:
@@ -234,7 +238,17 @@ class ExpertStore:
         return dict(self.counts) | {"cached_prompts": len(self._cache), "additions": len(self._additions_rows)}
 
 
-def _addition_problem(prompt_id, text, source) -> Optional[tuple[type, str, str]]:
+def create_expert_store(cfg: Config, *, name: str = "expert-store", num_cpus: float = 0.5,
+                        max_cached: int = 4096):
+    """The run's ExpertStore actor: experts of `data.train_files`, tokenised with `model.path`'s tokenizer,
+    chosen by `algorithm.expert_choice` (seeded by `trainer.seed`), additions in `trainer.output_dir/experts`."""
+    return named_actor(ExpertStore, name, num_cpus=num_cpus, files=list(cfg.data.train_files),
+                       tokenizer_path=cfg.model.path, additions_dir=os.path.join(cfg.trainer.output_dir, "experts"),
+                       expert_key=cfg.data.expert_key, choice=cfg.algorithm.expert_choice, seed=cfg.trainer.seed,
+                       max_cached=max_cached)
+
+
+def _addition_problem(prompt_id, text, source) -> tuple[type, str, str] | None:
     """(exception type, field, message) for an invalid addition; None for a valid one."""
     for field, value in (("prompt_id", prompt_id), ("trajectory_text", text), ("source", source)):
         if not isinstance(value, str):

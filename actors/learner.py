@@ -22,9 +22,24 @@ from functools import lru_cache
 
 import torch
 
-from calibrl.algo import POLICY_LOSSES, TrainBatch
+from calibrl.algo import TrainBatch, compute_loss, loss_normalizers
 from calibrl.inputs import image_tensors
-from calibrl.modeling import is_vl_model, response_logprobs
+from actors.weight_sync import link_model_files
+from calibrl.modeling import response_logprobs
+
+
+def mini_batches_by_group(batch: TrainBatch, n: int) -> list[TrainBatch]:
+    """`n` mini-batches of consecutive groups (a group's responses and expert stay together)."""
+    groups = int(batch.group_index.max()) + 1 if len(batch) else 0
+    bounds = torch.linspace(0, groups, n + 1).round().long()
+    return [batch.select(torch.nonzero((batch.group_index >= lo) & (batch.group_index < hi)).flatten())
+            for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+
+
+def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
+    if device.type == "cpu":
+        return batch
+    return TrainBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.to_dict().items()})
 
 
 def ds_config(*, zero_stage: int, grad_clip: float, bf16: bool, micro_batch_per_device: int) -> dict:
@@ -138,35 +153,36 @@ class Learner:
 
     def train_step(self, batch: TrainBatch, *, loss_name: str, loss_kwargs: dict, mini_batches: int = 1,
                    epochs: int = 1) -> dict[str, float]:
-        """One optimizer update per mini-batch (rows grouped by prompt), `epochs` passes."""
+        """One optimizer update per mini-batch (consecutive groups), `epochs` passes over the batch.
+
+        `loss_kwargs` are `calibrl.algo.compute_loss`'s keywords (clip_low, alpha, lam, agg, ...)."""
         self.engine.train()
-        loss_fn = POLICY_LOSSES[loss_name]
         t0 = time.time()
-        totals: dict[str, float] = {}
-        n_updates = 0
+        sums: dict[str, float] = {}
+        micro_count = 0
         for _ in range(epochs):
-            for mini in batch.mini_batches(mini_batches):
-                norm = mini.loss_normalisers()
-                for micro_rows in self._my_rows(torch.arange(mini.response_ids.shape[0])):
-                    empty = len(micro_rows) == 0
-                    rows = micro_rows if not empty else torch.tensor([0])
-                    logp, entropy = self._forward(mini, rows, with_entropy=loss_kwargs.get("entropy_coef", 0) > 0)
-                    mb = mini.select(rows).to(self.device)
-                    loss, metrics = loss_fn(logp, mb, entropy=entropy, **norm, **loss_kwargs)
-                    # DeepSpeed averages gradients over ranks; the loss is already a global share
-                    scale = 0.0 if empty else float(self.world_size)
-                    self.engine.backward(loss * scale, scale_wrt_gas=False)
+            for mini in mini_batches_by_group(batch, mini_batches):
+                norms = loss_normalizers(loss_name, mini)  # global counts: every rank sees the whole mini-batch
+                for rows in self._my_rows(torch.arange(len(mini))):
+                    empty = len(rows) == 0
+                    rows = rows if not empty else torch.tensor([0])
+                    want_entropy = loss_kwargs.get("entropy_coef", 0.0) > 0
+                    logp, entropy = self._forward(mini, rows, with_entropy=want_entropy)
+                    loss, metrics = compute_loss(loss_name, logp, to_device(mini.select(rows), self.device),
+                                                 entropy=entropy, **norms, **loss_kwargs)
+                    # DeepSpeed averages gradients over ranks; this loss is already a share of the global one
+                    self.engine.backward(loss * (0.0 if empty else float(self.world_size)), scale_wrt_gas=False)
                     if not empty:
+                        micro_count += 1
                         for k, v in metrics.items():
-                            totals[k] = totals.get(k, 0.0) + float(v)
-                        totals["loss"] = totals.get("loss", 0.0) + float(loss.detach())
+                            sums[k] = sums.get(k, 0.0) + float(v)
                 self.engine.step()
-                n_updates += 1
                 self.updates += 1
-        out = {f"train/{k}": v for k, v in totals.items()}
+        # losses are shares of a mini-batch's loss: their sum over micro-batches is this rank's share
+        out = {f"train/{k}": v / max(1, epochs * mini_batches) for k, v in sums.items()}
         out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
-        out["train/lr"] = self.scheduler.get_last_lr()[0]
-        out["train/updates"] = n_updates
+        out["train/lr"] = float(self.scheduler.get_last_lr()[0])
+        out["train/micro_batches"] = micro_count
         out["time/train_rank_s"] = time.time() - t0
         return out
 
@@ -192,6 +208,7 @@ class Learner:
         path = os.path.join(out_dir, f"v{version}")
         os.makedirs(path, exist_ok=True)
         save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
+        link_model_files(self.model_path, path)
         return path
 
     def init_nccl_weight_sync(self, rollout_workers: list, world_size: int) -> None:

@@ -21,6 +21,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from calibrl.algo import Response
 from calibrl.inputs import decode_images, render_chat
 
 
@@ -45,22 +46,11 @@ class SamplingSpec:
 
 
 @dataclass
-class RolloutSample:
-    """One sampled response; `logprobs[t]` is log pi_old of `token_ids[t]` under `weights_version`."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    text: str
-    finish_reason: str
-    weights_version: int
-
-
-@dataclass
 class RolloutResult:
     prompt_id: str
     prompt_token_ids: list[int]
     """The prompt as the engine saw it, image tokens expanded (the learner reuses these ids)."""
-    samples: list[RolloutSample]
+    samples: list[Response]
 
 
 def is_vision_language(model_path: str) -> bool:
@@ -117,7 +107,7 @@ class RolloutWorker:
             RolloutResult(
                 prompt_id=r.prompt_id,
                 prompt_token_ids=list(out.prompt_token_ids),
-                samples=[RolloutSample(token_ids=list(c.token_ids),
+                samples=[Response(token_ids=list(c.token_ids),
                                        logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
                                        text=c.text, finish_reason=str(c.finish_reason), weights_version=version)
                          for c in out.outputs])

@@ -23,12 +23,11 @@ import importlib
 import math
 import multiprocessing
 import numbers
-import os
 import signal
 import sys
 import time
 from collections import Counter
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import ray
 
@@ -36,6 +35,7 @@ from actors.group import named_actor
 from calibrl.algo.reward import Verdict, format_matches, verify
 
 FAILED = Verdict(reward=0.0, accuracy=0.0, format_ok=False, passed=False)
+TIMEOUT, CHILD_DIED = "timeout", "error:ChildDied"  # failure reasons besides `error:<ExceptionType>`
 STARTUP_TIMEOUT_S = 120.0
 """Time a fresh child may take to import the scorer (the first one also starts the forkserver)."""
 
@@ -51,7 +51,7 @@ def load_reward_function(path: str) -> Callable:
     except AttributeError:
         raise ValueError(f"verifier.reward_function={path!r}: module {module_name} has no {fn_name!r}") from None
     if not callable(fn):
-        raise ValueError(f"verifier.reward_function={path!r}: {fn_name} is not callable")
+        raise TypeError(f"verifier.reward_function={path!r}: {fn_name} is not callable")
     return fn
 
 
@@ -69,14 +69,14 @@ def to_verdict(result, response: str, *, pass_threshold: float) -> Verdict:
     return Verdict(reward=reward, accuracy=float(passed), format_ok=format_matches(response.strip()), passed=passed)
 
 
-def _serve(conn, reward_function: Optional[str], pass_threshold: float) -> None:
+def _serve(conn, reward_function: str | None, pass_threshold: float) -> None:
     """Child process: score each batch received on `conn`, one result message per item, in order."""
     if sys.platform == "linux":  # die with the forkserver (which exits with the worker): no orphan left hanging
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     try:
         fn = load_reward_function(reward_function) if reward_function else None
         verify("<think></think><answer>1</answer>", "2")  # imports math-verify before the first timed item
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ready", None))
@@ -94,7 +94,7 @@ def _serve(conn, reward_function: Optional[str], pass_threshold: float) -> None:
                 else:
                     v = to_verdict(fn(response, answer), response, pass_threshold=pass_threshold)
                 conn.send(("ok", (v.reward, v.accuracy, v.format_ok, v.passed)))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any failure of the scorer is this item's reward 0
                 conn.send(("error", type(e).__name__))
 
 
@@ -102,7 +102,7 @@ class VerifierWorker:
     """Scores (response, answer) pairs; a response that hangs or raises gets reward 0 and is counted."""
 
     def __init__(self, *, timeout_s: float = 5.0, pass_threshold: float = 0.1,
-                 reward_function: Optional[str] = None):
+                 reward_function: str | None = None):
         """timeout_s: seconds allowed per response; pass_threshold: a response passes when reward > this;
         reward_function: `module:function` with fn(response, answer) -> float | Verdict (None: `verify`)."""
         if not timeout_s > 0:
@@ -148,6 +148,16 @@ class VerifierWorker:
         self._conn.close()
         self._child = self._conn = None
 
+    def _receive(self) -> Verdict | str:
+        """The child's next result: a Verdict, or the reason there is none."""
+        if not self._conn.poll(self.timeout_s):
+            return TIMEOUT
+        try:
+            status, payload = self._conn.recv()
+        except EOFError:
+            return CHILD_DIED
+        return Verdict(*payload) if status == "ok" else f"error:{payload}"
+
     def score(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[Verdict], dict]:
         """Verdicts for (response, answer) pairs, in order, and metrics for this call:
         {scored, timeouts, errors, restarts, seconds, reasons: {"timeout" | "error:<Type>": count}}."""
@@ -161,26 +171,16 @@ class VerifierWorker:
                 restarts += 1
             self._conn.send(list(pairs[len(verdicts):]))
             while len(verdicts) < len(pairs):
-                reason = None
-                if not self._conn.poll(self.timeout_s):
-                    reason = "timeout"
-                else:
-                    try:
-                        status, payload = self._conn.recv()
-                    except EOFError:
-                        reason = "error:ChildDied"
-                    else:
-                        if status == "ok":
-                            verdicts.append(Verdict(*payload))
-                            continue
-                        reasons[f"error:{payload}"] += 1
-                        verdicts.append(FAILED)
-                        continue
-                reasons[reason] += 1
+                result = self._receive()
+                if isinstance(result, Verdict):
+                    verdicts.append(result)
+                    continue
+                reasons[result] += 1
                 verdicts.append(FAILED)
-                self._stop_child()  # the rest of the batch goes to a fresh child
-                break
-        metrics = {"scored": len(pairs) - sum(reasons.values()), "timeouts": reasons["timeout"],
+                if result in (TIMEOUT, CHILD_DIED):  # stuck or gone: the rest of the batch goes to a fresh child
+                    self._stop_child()
+                    break
+        metrics = {"scored": len(pairs) - sum(reasons.values()), "timeouts": reasons[TIMEOUT],
                    "errors": sum(n for r, n in reasons.items() if r.startswith("error:")),
                    "restarts": restarts, "seconds": time.monotonic() - start, "reasons": dict(reasons)}
         self.totals.update({k: metrics[k] for k in ("scored", "timeouts", "errors", "restarts")})
@@ -213,7 +213,7 @@ class VerifierPool:
     """`num_workers` VerifierWorker actors named `{name_prefix}-{i}`; `score` splits a batch across them."""
 
     def __init__(self, num_workers: int, *, timeout_s: float = 5.0, pass_threshold: float = 0.1,
-                 reward_function: Optional[str] = None, num_cpus_per_worker: float = 1.0,
+                 reward_function: str | None = None, num_cpus_per_worker: float = 1.0,
                  name_prefix: str = "verifier"):
         self.workers = [named_actor(VerifierWorker, f"{name_prefix}-{i}", num_cpus=num_cpus_per_worker,
                                     timeout_s=timeout_s, pass_threshold=pass_threshold,
@@ -221,7 +221,7 @@ class VerifierPool:
                         for i in range(num_workers)]
 
     @classmethod
-    def from_config(cls, cfg, **kwargs) -> "VerifierPool":
+    def from_config(cls, cfg, **kwargs) -> VerifierPool:
         """From a `VerifierConfig`."""
         return cls(cfg.num_workers, timeout_s=cfg.timeout_s, pass_threshold=cfg.pass_threshold,
                    reward_function=cfg.reward_function, **kwargs)

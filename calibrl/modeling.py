@@ -4,7 +4,7 @@ Rows are laid out as verl does: the prompt LEFT-padded to P tokens, the response
 T tokens, so every response starts at column P and the logits that predict it are the last T+1
 positions (`logits_to_keep`), which keeps the full (B, P+T, vocab) logits from ever existing.
 Text models get explicit position ids (left padding would otherwise shift them); Qwen-VL models
-compute their multimodal rope positions from the attention mask and the image grid themselves.
+compute their multimodal rope positions from the attention mask, the image grid and the token types.
 """
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ from calibrl.algo.entropy import entropy_from_logits, logprobs_from_logits
 
 def is_vl_model(model) -> bool:
     return hasattr(model.config, "vision_config")
+
+
+def mm_token_type_ids(config, input_ids: torch.Tensor) -> torch.Tensor:
+    """1 on image tokens, 2 on video tokens, 0 elsewhere: without it Qwen-VL models in transformers
+    fall back to 1-D positions and disagree with vLLM's multimodal rope. Apply it to prompts only:
+    a sampled response may contain an image-pad token id, which is text there (as in vLLM)."""
+    return ((input_ids == config.image_token_id).int()
+            + 2 * (input_ids == getattr(config, "video_token_id", -1)).int())
 
 
 def response_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
@@ -35,7 +43,9 @@ def response_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
                     "logits_to_keep": response_ids.shape[1] + 1}
     if is_vl_model(model):
         if pixel_values is not None:
-            kwargs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+            kwargs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
+                          mm_token_type_ids=torch.cat([mm_token_type_ids(model.config, prompt_ids),
+                                                       torch.zeros_like(response_ids, dtype=torch.int)], dim=1))
     else:
         kwargs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
     logits = model(**kwargs).logits[:, :-1].float()

@@ -14,19 +14,58 @@ Public API (the project's learner and driver use exactly these):
 """
 
 from calibrl.algo.advantages import group_advantages, group_stats, informative_groups, overlong_penalty
-from calibrl.algo.batch import (ExpertTrajectory, Group, Response, TrainBatch, attach_expert_logprobs)
+from calibrl.algo.batch import ExpertTrajectory, Group, Response, TrainBatch, attach_expert_logprobs
 from calibrl.algo.calibration import CalibrationStage
 from calibrl.algo.entropy import entropy_from_logits, logprobs_from_logits
-from calibrl.algo.losses import (LOSS_AGGS, LOSS_ROWS, POLICY_LOSSES, agg_loss, calibration_term, calibrl_loss,
-                                 compute_loss, dual_clip_pg, k3_kl, loss_normalizers, loss_token_mask, luffy_loss,
-                                 ppo_loss, rlplus_loss, sft_loss)
+from calibrl.algo.losses import (
+                                 LOSS_AGGS,
+                                 LOSS_ROWS,
+                                 POLICY_LOSSES,
+                                 agg_loss,
+                                 calibration_term,
+                                 calibrl_loss,
+                                 compute_loss,
+                                 dual_clip_pg,
+                                 k3_kl,
+                                 loss_normalizers,
+                                 loss_token_mask,
+                                 luffy_loss,
+                                 ppo_loss,
+                                 rlplus_loss,
+                                 sft_loss,
+)
 from calibrl.algo.mixup import MIXUP_POLICIES
 from calibrl.algo.reward import Verdict, verify
 
 __all__ = [
-    "CalibrationStage", "ExpertTrajectory", "Group", "LOSS_AGGS", "LOSS_ROWS", "MIXUP_POLICIES", "POLICY_LOSSES",
-    "Response", "TrainBatch", "Verdict", "agg_loss", "attach_expert_logprobs", "calibration_term", "calibrl_loss",
-    "compute_loss", "dual_clip_pg", "entropy_from_logits", "group_advantages", "group_stats",
-    "informative_groups", "k3_kl", "logprobs_from_logits", "loss_normalizers", "loss_token_mask", "luffy_loss",
-    "overlong_penalty", "ppo_loss", "rlplus_loss", "sft_loss", "verify",
+                                 "LOSS_AGGS",
+                                 "LOSS_ROWS",
+                                 "MIXUP_POLICIES",
+                                 "POLICY_LOSSES",
+                                 "CalibrationStage",
+                                 "ExpertTrajectory",
+                                 "Group",
+                                 "Response",
+                                 "TrainBatch",
+                                 "Verdict",
+                                 "agg_loss",
+                                 "attach_expert_logprobs",
+                                 "calibration_term",
+                                 "calibrl_loss",
+                                 "compute_loss",
+                                 "dual_clip_pg",
+                                 "entropy_from_logits",
+                                 "group_advantages",
+                                 "group_stats",
+                                 "informative_groups",
+                                 "k3_kl",
+                                 "logprobs_from_logits",
+                                 "loss_normalizers",
+                                 "loss_token_mask",
+                                 "luffy_loss",
+                                 "overlong_penalty",
+                                 "ppo_loss",
+                                 "rlplus_loss",
+                                 "sft_loss",
+                                 "verify",
 ]

@@ -14,8 +14,8 @@ others are plain rows (used by SFT, LUFFY and RL-PLUS).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
-from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -88,7 +88,8 @@ class TrainBatch:
     rollout_logp: Tensor
     """(B, T) float32: the rollout engine's log-probs (0 on expert rows and padding)."""
     old_logp: Tensor
-    """(B, T) float32: the learner's pi_old log-probs; zeros until `attach_expert_logprobs`."""
+    """(B, T) float32: the learner's pi_old log-probs; zeros (a read-only broadcast view) until
+    `attach_expert_logprobs` sets it."""
     expert_old_logp: Tensor
     """(B, T) float32: b_t, the row's group expert's old log-prob at position t (0 past its end or
     without an expert); filled by `attach_expert_logprobs`."""
@@ -166,11 +167,9 @@ def attach_expert_logprobs(batch: TrainBatch, old_logp: Tensor) -> TrainBatch:
     """
     if bool((batch.has_expert & (batch.expert_row < 0)).any()):
         raise ValueError("some rows' expert row is not in this batch: attach expert log-probs before splitting")
-    mask = batch.response_mask.to(old_logp.dtype)
-    batch.old_logp = old_logp * mask
+    batch.old_logp = old_logp * batch.response_mask
     src = batch.expert_row.clamp(min=0)
-    keep = batch.has_expert.to(old_logp.dtype).unsqueeze(-1)
-    batch.expert_old_logp = batch.old_logp[src] * keep
+    batch.expert_old_logp = batch.old_logp.index_select(0, src).mul_(batch.has_expert.unsqueeze(-1))
     expert_len = batch.response_length[src].clamp(min=1).to(old_logp.dtype)
     batch.expert_mean_logp = batch.expert_old_logp.sum(-1) / expert_len
     return batch

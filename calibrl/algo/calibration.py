@@ -54,13 +54,12 @@ class _Pending:
     uniform: float
 
 
-def _pad(flat: Tensor, lengths: Tensor, width: int, fill: float | int, *, left: bool) -> tuple[Tensor, Tensor]:
+def _pad(flat: Tensor, lengths: Tensor, width: int, fill: float, *, left: bool) -> tuple[Tensor, Tensor]:
     """Rows of `lengths` taken in order from `flat` into a (R, width) tensor; returns (padded, mask)."""
     pos = torch.arange(width)
     mask = pos >= (width - lengths).unsqueeze(-1) if left else pos < lengths.unsqueeze(-1)
     out = torch.full((lengths.numel(), width), fill, dtype=flat.dtype)
-    out[mask] = flat
-    return out, mask
+    return out.masked_scatter_(mask, flat), mask
 
 
 def _concat(arrays: list[np.ndarray], dtype: type) -> Tensor:
@@ -190,7 +189,8 @@ class CalibrationStage:
         response_ids, response_mask = _pad(_concat(ids_arrays, np.int64), lengths, width, self.pad_token_id,
                                            left=False)
         rollout_logp = torch.zeros(response_ids.shape, dtype=torch.float32)
-        rollout_logp[response_mask & ~is_expert.unsqueeze(-1)] = _concat(logp_arrays, np.float32)
+        rollout_logp.masked_scatter_(response_mask & ~is_expert.unsqueeze(-1),
+                                   _concat(logp_arrays, np.float32))
         prompt_lengths = torch.tensor([p.prompt.shape[0] for p in groups], dtype=torch.long)
         prompt_width = int(prompt_lengths.max()) if num_groups else 0
         group_prompts, group_prompt_mask = _pad(_concat([p.prompt for p in groups], np.int64), prompt_lengths,
@@ -207,7 +207,9 @@ class CalibrationStage:
         advantages = group_advantages(rewards_t, group_index, is_expert, std_normalize=self.std_normalize,
                                       eps=self.eps, expert_in_baseline=self.expert_in_baseline)
 
-        zeros = torch.zeros(response_ids.shape, dtype=torch.float32)
+        # old_logp / expert_old_logp: zeros until attach_expert_logprobs replaces them; a broadcast
+        # view of one zero takes no memory (in-place writes to it raise: assign new tensors instead)
+        zeros = torch.zeros((), dtype=torch.float32).expand(response_ids.shape)
         batch = TrainBatch(
             prompt_ids=group_prompts[group_index],
             prompt_mask=group_prompt_mask[group_index],
@@ -215,7 +217,7 @@ class CalibrationStage:
             response_mask=response_mask,
             rollout_logp=rollout_logp,
             old_logp=zeros,
-            expert_old_logp=zeros.clone(),
+            expert_old_logp=zeros,
             rewards=rewards_t,
             advantages=advantages,
             accuracy=torch.tensor(accuracy, dtype=torch.float32),

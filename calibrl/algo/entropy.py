@@ -11,7 +11,7 @@ log pi(y_t) and has the same memory bound.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor

@@ -33,7 +33,8 @@ Departures from the paper / reference code:
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -82,12 +83,38 @@ def agg_loss(loss_mat: Tensor, mask: Tensor, *, agg: str = "token-mean", global_
     return total / (norm_length or loss_mat.shape[-1]) / seqs
 
 
-def _token_normalizer(mask: Tensor, global_tokens: float | None) -> Tensor | float:
-    return global_tokens if global_tokens is not None else mask.sum().clamp(min=1)
+def _or(global_count: float | None, local_count: Tensor) -> Tensor | float:
+    """The global normaliser when given, else this call's count (at least 1)."""
+    return global_count if global_count is not None else local_count.clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------
 # per-token terms
+
+
+class _PG(NamedTuple):
+    loss: Tensor       # (B, T) per-token dual-clip loss, differentiable
+    ratio: Tensor      # (B, T) rho, detached
+    log_ratio: Tensor  # (B, T) log rho, detached
+    clipped: Tensor    # (B, T) bool, a clip (either side or the dual clip) set the loss: no gradient there
+
+
+def _dual_clip(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low: float, clip_high: float,
+               clip_ratio_c: float) -> _PG:
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    neg_adv = -advantages.unsqueeze(-1)
+    unclipped = neg_adv * ratio  # -A rho: the only branch with a gradient
+    with torch.no_grad():
+        # value of max(-A rho, -A clip(rho)) then min(., -A c) for A < 0, in place on one buffer
+        value = ratio.detach().clamp(1.0 - clip_low, 1.0 + clip_high).mul_(neg_adv)
+        torch.maximum(value, unclipped, out=value)
+        cap = torch.where(advantages < 0, -advantages * clip_ratio_c, torch.full_like(advantages, float("inf")))
+        torch.minimum(value, cap.unsqueeze(-1), out=value)
+        clipped = value != unclipped
+    # where() keeps -A rho's gradient where no clip is active (ties included, as the max/min would)
+    loss = torch.where(clipped, value, unclipped)
+    return _PG(loss, ratio.detach(), log_ratio.detach(), clipped)
 
 
 def dual_clip_pg(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low: float = 0.2,
@@ -95,15 +122,12 @@ def dual_clip_pg(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low
     """Section 3: per-token dual-clip PPO loss.
 
     logp, old_logp: (B, T); advantages: (B,). Returns (loss (B, T), ratio (B, T)) with
-    l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)), then min(l, -A c) where A < 0.
+    l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)), then min(l, -A c) where A < 0. The value
+    is computed without a graph and the gradient flows through -A rho where no clip is active: the
+    gradient of the max/min expression, without the cost of their backward passes.
     """
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    neg_adv = -advantages.unsqueeze(-1)
-    pg = torch.maximum(neg_adv * ratio, neg_adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high))
-    # dual clip: cap the loss at -A c for A < 0 (an infinite cap elsewhere)
-    cap = torch.where(advantages < 0, -advantages * clip_ratio_c, torch.full_like(advantages, float("inf")))
-    return torch.minimum(pg, cap.unsqueeze(-1)), ratio
+    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
+    return pg.loss, pg.ratio
 
 
 def _calibration_parts(logp: Tensor, baseline_logp: Tensor, advantages: Tensor, passed: Tensor, *,
@@ -135,21 +159,22 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
 # tensor-level losses
 
 
-def _pg_metrics(ratio: Tensor, log_ratio_sum: Tensor, advantages: Tensor, mask_b: Tensor, denom, *,
-                clip_low: float, clip_high: float, clip_ratio_c: float) -> dict[str, Tensor]:
-    """Clip fractions and k3 KL over masked tokens, divided by `denom` (no grad)."""
-    inf = torch.full_like(advantages, float("inf"))
-    upper = torch.where(advantages > 0, torch.full_like(advantages, 1.0 + clip_high), inf).unsqueeze(-1)
-    lower = torch.where(advantages < 0, torch.full_like(advantages, 1.0 - clip_low), -inf).unsqueeze(-1)
-    dual = torch.where(advantages < 0, torch.full_like(advantages, clip_ratio_c), inf).unsqueeze(-1)
-    count = lambda cond: torch.count_nonzero(cond & mask_b)  # noqa: E731
-    maskf = mask_b.to(ratio.dtype)
-    # k3(old vs current) = 1/rho - 1 + log rho, summed over masked tokens
-    kl_sum = _masked_sum(torch.reciprocal(ratio), maskf) - maskf.sum() + log_ratio_sum
+def _pg_metrics(pg: _PG, advantages: Tensor, mask_b: Tensor, maskf: Tensor, num_tokens: Tensor,
+                denom: Tensor | float, *, clip_ratio_c: float) -> dict[str, Tensor]:
+    """Clip fractions and k3 KL over masked tokens, divided by `denom` (no grad).
+
+    mask_b / maskf: the loss mask as bool / float; num_tokens: its count."""
+    clipped_per_row = torch.logical_and(pg.clipped, mask_b).sum(-1).to(maskf.dtype)
+    positive, negative = (advantages > 0).to(maskf.dtype), (advantages < 0).to(maskf.dtype)
+    dual_threshold = torch.where(advantages < 0, torch.full_like(advantages, clip_ratio_c),
+                                 torch.full_like(advantages, float("inf")))
+    dual = torch.count_nonzero(torch.gt(pg.ratio, dual_threshold.unsqueeze(-1)).logical_and_(mask_b))
+    # k3(old vs current) per token = 1/rho - 1 + log rho
+    kl_sum = _masked_sum(torch.reciprocal(pg.ratio), maskf) - num_tokens + _masked_sum(pg.log_ratio, maskf)
     return {
-        "pg_clipfrac_upper": count(ratio > upper) / denom,
-        "pg_clipfrac_lower": count(ratio < lower) / denom,
-        "dual_clip_frac": count(ratio > dual) / denom,
+        "pg_clipfrac_upper": torch.dot(clipped_per_row, positive) / denom,  # A > 0 clips only above
+        "pg_clipfrac_lower": (torch.dot(clipped_per_row, negative) - dual) / denom,
+        "dual_clip_frac": dual / denom,
         "approx_kl": kl_sum / denom,
     }
 
@@ -166,15 +191,14 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: 
     """
     mask_b = response_mask & ~is_expert.unsqueeze(-1)
     mask = mask_b.to(logp.dtype)
-    pg, ratio = dual_clip_pg(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
-                             clip_ratio_c=clip_ratio_c)
-    loss = agg_loss(pg, mask, agg=agg, global_tokens=global_tokens, global_seqs=global_seqs,
+    num_tokens = mask_b.sum().to(logp.dtype)
+    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
+    loss = agg_loss(pg.loss, mask, agg=agg, global_tokens=_or(global_tokens, num_tokens), global_seqs=global_seqs,
                     norm_length=norm_length)
     with torch.no_grad():
-        denom = _token_normalizer(mask, global_tokens)
         metrics = {"pg_loss": loss.detach()}
-        metrics.update(_pg_metrics(ratio, _masked_sum(logp - old_logp, mask), advantages, mask_b, denom,
-                                   clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c))
+        metrics.update(_pg_metrics(pg, advantages, mask_b, mask, num_tokens, _or(global_tokens, num_tokens),
+                                   clip_ratio_c=clip_ratio_c))
     return loss, metrics
 
 
@@ -201,6 +225,8 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
     """
     mask_b = response_mask & ~is_expert.unsqueeze(-1)
     mask = mask_b.to(logp.dtype)
+    tokens_per_row = mask_b.sum(-1).to(logp.dtype)
+    num_tokens = tokens_per_row.sum()
     if baseline == "token":
         b = expert_old_logp
     elif baseline == "sequence":
@@ -211,23 +237,24 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
         raise ValueError(f"unknown expert baseline {baseline!r}; choose token or sequence")
     calib_adv = advantages if has_expert is None else advantages * has_expert.to(advantages.dtype)
 
-    pg, ratio = dual_clip_pg(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
-                             clip_ratio_c=clip_ratio_c)
+    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
     calib, u, gap = _calibration_parts(logp, b, calib_adv, passed, alpha=alpha)
-    norms = dict(agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
-    pg_loss = agg_loss(pg, mask, **norms)
+    norms = {"agg": agg, "global_tokens": _or(global_tokens, num_tokens), "global_seqs": global_seqs,
+             "norm_length": norm_length}
+    pg_loss = agg_loss(pg.loss, mask, **norms)
     calib_loss = agg_loss(calib, mask, **norms)
     loss = pg_loss + lam * calib_loss
 
     with torch.no_grad():
-        denom = _token_normalizer(mask, global_tokens)
-        rows_with_expert = mask if has_expert is None else mask * has_expert.to(mask.dtype).unsqueeze(-1)
+        denom = _or(global_tokens, num_tokens)
         metrics = {"pg_loss": pg_loss.detach(), "calib_loss": calib_loss.detach()}
-        metrics.update(_pg_metrics(ratio, _masked_sum(logp - old_logp, mask), advantages, mask_b, denom,
-                                   clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c))
-        metrics["calib_branch_full_frac"] = torch.count_nonzero((u > 0) & mask_b) / denom
-        metrics["calib_branch_alpha_frac"] = torch.count_nonzero((u < 0) & mask_b) / denom
-        metrics["expert_policy_gap"] = -_masked_sum(gap.detach(), rows_with_expert) / denom
+        metrics.update(_pg_metrics(pg, advantages, mask_b, mask, num_tokens, denom, clip_ratio_c=clip_ratio_c))
+        acting = (calib_adv != 0).to(mask.dtype)  # rows where the term acts (|A| > 0, an expert)
+        full = torch.count_nonzero(torch.gt(u, 0).logical_and_(mask_b))
+        metrics["calib_branch_full_frac"] = full / denom
+        metrics["calib_branch_alpha_frac"] = (torch.dot(tokens_per_row, acting) - full) / denom
+        with_expert = mask.new_ones(()) if has_expert is None else has_expert.to(mask.dtype)
+        metrics["expert_policy_gap"] = -(_row_sums(gap.detach(), mask) * with_expert).sum() / denom
     return loss, metrics
 
 
@@ -251,20 +278,17 @@ def _mixed_policy_loss(expert_token_loss: Tensor, logp: Tensor, old_logp: Tensor
     on_b = response_mask & ~expert_b
     off_b = response_mask & expert_b
     on_mask, off_mask = on_b.to(logp.dtype), off_b.to(logp.dtype)
-    pg, ratio = dual_clip_pg(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
-                             clip_ratio_c=clip_ratio_c)
-    if global_tokens is None:  # one normaliser for both parts: all loss tokens of this call
-        global_tokens = (on_mask.sum() + off_mask.sum()).clamp(min=1)
-    if global_seqs is None:
-        global_seqs = (response_mask.any(-1)).sum().clamp(min=1)
-    norms = dict(agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
-    on_loss = agg_loss(pg, on_mask, **norms)
+    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
+    num_on = on_b.sum().to(logp.dtype)
+    # one normaliser for both parts: all loss tokens (sequences) of this call unless given
+    global_tokens = _or(global_tokens, num_on + off_b.sum())
+    global_seqs = _or(global_seqs, response_mask.any(-1).sum())
+    norms = {"agg": agg, "global_tokens": global_tokens, "global_seqs": global_seqs, "norm_length": norm_length}
+    on_loss = agg_loss(pg.loss, on_mask, **norms)
     off_loss = agg_loss(expert_token_loss, off_mask, **norms)
     with torch.no_grad():
         metrics = {"pg_loss": on_loss.detach(), "expert_pg_loss": off_loss.detach()}
-        metrics.update(_pg_metrics(ratio, _masked_sum(logp - old_logp, on_mask), advantages, on_b,
-                                   global_tokens, clip_low=clip_low, clip_high=clip_high,
-                                   clip_ratio_c=clip_ratio_c))
+        metrics.update(_pg_metrics(pg, advantages, on_b, on_mask, num_on, global_tokens, clip_ratio_c=clip_ratio_c))
     return on_loss + off_loss, metrics
 
 
@@ -414,7 +438,7 @@ def compute_loss(name: str, logp: Tensor, batch: LossBatch, *, clip_low: float =
     loss, metrics = POLICY_LOSSES[name](
         logp, batch, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, alpha=alpha, lam=lam,
         baseline=baseline, agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
-    norms = dict(agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
+    norms = {"agg": agg, "global_tokens": global_tokens, "global_seqs": global_seqs, "norm_length": norm_length}
     mask = loss_token_mask(name, batch)
     if kl_coef > 0:
         kl = agg_loss(k3_kl(logp, batch.old_logp), mask, **norms)

@@ -14,7 +14,7 @@ The expert-free warm-up of N steps is the caller's: it passes `never` for those 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

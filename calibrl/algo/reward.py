@@ -85,8 +85,8 @@ def format_matches(text: str) -> bool:
     think_end = text.find("</think>", len("<think>"))
     if think_end < 0:
         return False
-    answer_start = text.find("<answer>", think_end + len("</think>"))
-    return 0 <= answer_start <= len(text) - len("</answer>") - len("<answer>")
+    # an <answer> found here cannot overlap the closing </answer> (no suffix of one is a prefix of the other)
+    return text.find("<answer>", think_end + len("</think>")) >= 0
 
 
 def _nesting_depth(s: str) -> int:
@@ -111,7 +111,7 @@ def _symbolic_equal(pred: str, gold: str, timeout_s: int | None) -> bool:
         if not gold_parsed or not pred_parsed:
             return False
         return bool(mv_verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))
-    except Exception:  # math-verify raises on malformed input and on its own timeout: not equal
+    except Exception:  # noqa: BLE001 -- math-verify raises many kinds on malformed input and on timeout: not equal
         return False
 
 

@@ -4,13 +4,15 @@ persist to parquet and survive killing the actor."""
 
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
 from transformers import AutoTokenizer
 
-from actors.expert_store import ADDITIONS_FILE, ExpertRecord, ExpertStore
+from actors.expert_store import ADDITIONS_FILE, ExpertStore, create_expert_store
+from calibrl.config import Config
 from calibrl.data import DataError, Example, load_examples, write_examples
 
 EXPERTS = {  # prompt id -> expert trajectories in the file
@@ -44,8 +46,8 @@ def dataset(tmp_path_factory) -> list[str]:
     return [calibrl_path, reference_path]
 
 
-def expected_ids(tokenizer, text):
-    return tuple(tokenizer(text, add_special_tokens=False).input_ids) + (tokenizer.eos_token_id,)
+def expected_ids(tokenizer, text) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
 
 
 def test_first_choice_ids_and_tokenisation(dataset, tiny_models, tmp_path):
@@ -59,7 +61,8 @@ def test_first_choice_ids_and_tokenisation(dataset, tiny_models, tmp_path):
     for e in examples:
         assert [r.text for r in got[e.id]] == list(e.experts[:2])
         for r in got[e.id]:
-            assert r.source == "dataset" and r.token_ids == expected_ids(tokenizer, r.text)
+            assert r.source == "dataset" and r.token_ids.tolist() == expected_ids(tokenizer, r.text)
+            assert r.token_ids.dtype == np.int64 and not r.token_ids.flags.writeable  # shared with the cache
     assert got["ex-2"] == []
     assert got["ref:11"][0].text == REFERENCE_EXPERTS[11]
     assert [r.text for r in store.get(["ex-1"], k=1)["ex-1"]] == EXPERTS["ex-1"][:1]
@@ -108,10 +111,12 @@ def test_bad_expert_row_names_file_row_and_field(tiny_models, tmp_path):
 
 
 def test_additions_persist_across_actor_restart(ray_local, dataset, tiny_models, tmp_path):
-    kwargs = dict(files=dataset, tokenizer_path=tiny_models["tiny-qwen2"], additions_dir=str(tmp_path / "store"))
+    cfg = Config()
+    cfg.data.train_files, cfg.model.path, cfg.trainer.output_dir = dataset, tiny_models["tiny-qwen2"], str(tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["tiny-qwen2"])
     mine = "<think>my own</think><answer>0</answer>"
-    store = ray.remote(ExpertStore).options(name="expert-store", num_cpus=0.5).remote(**kwargs)
+    store = create_expert_store(cfg)
+    assert ray.get_actor("expert-store") is not None
     assert [r.text for r in ray.get(store.get.remote(["ex-0"], 5))["ex-0"]] == EXPERTS["ex-0"]
     ray.get(store.add.remote("ex-0", mine, "model-x"))
     ray.get(store.add.remote("new-prompt", "<answer>n</answer>", "model-y"))
@@ -123,18 +128,19 @@ def test_additions_persist_across_actor_restart(ray_local, dataset, tiny_models,
     with pytest.raises(ValueError, match="field 'source'"):
         ray.get(store.add.remote("ex-0", mine, "dataset"))
     got = ray.get(store.get.remote(["ex-0"], 5))["ex-0"]
-    assert got[1] == ExpertRecord(text=mine, token_ids=expected_ids(tokenizer, mine), source="model-x")
+    assert (got[1].text, got[1].source) == (mine, "model-x")
+    assert got[1].token_ids.tolist() == expected_ids(tokenizer, mine)
     assert ray.get(store.state.remote())["additions"] == 2
 
     ray.kill(store)
-    store = ray.remote(ExpertStore).options(name="expert-store", num_cpus=0.5).remote(**kwargs)
+    store = create_expert_store(cfg)  # a new actor over the same directory
     got = ray.get(store.get.remote(["ex-0", "new-prompt"], 5))
     assert [(r.text, r.source) for r in got["ex-0"]] == [(EXPERTS["ex-0"][0], "dataset"), (mine, "model-x")]
     assert [(r.text, r.source) for r in got["new-prompt"]] == [("<answer>n</answer>", "model-y")]
-    assert got["ex-0"][1].token_ids == expected_ids(tokenizer, mine)
+    assert got["ex-0"][1].token_ids.tolist() == expected_ids(tokenizer, mine)
     ray.kill(store)
 
-    assert os.listdir(tmp_path / "store") == [ADDITIONS_FILE]  # no temp file left behind
-    table = pq.read_table(tmp_path / "store" / ADDITIONS_FILE)
+    assert os.listdir(tmp_path / "experts") == [ADDITIONS_FILE]  # no temp file left behind
+    table = pq.read_table(tmp_path / "experts" / ADDITIONS_FILE)
     assert table.column("prompt_id").to_pylist() == ["ex-0", "new-prompt"]
     assert table.column("source").to_pylist() == ["model-x", "model-y"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from actors.group import named_actor
+from actors.weight_sync import link_model_files
 from actors.rollout import RolloutRequest, RolloutWorker, SamplingSpec
 
 pytestmark = pytest.mark.slow
@@ -45,6 +46,16 @@ def perturbed_state_dict(model, scale=0.05, seed=1):
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
+def types(model, ids, prompt_len):
+    from calibrl.modeling import is_vl_model, mm_token_type_ids
+
+    if not is_vl_model(model):
+        return {}
+    types = mm_token_type_ids(model.config, ids)
+    types[:, prompt_len:] = 0  # generated tokens are text, whatever their id
+    return {"mm_token_type_ids": types}
+
+
 @pytest.mark.parametrize("which", ["tiny-qwen2", "tiny-qwen2.5-vl"])
 def test_update_in_place_then_match_transformers(ray_local, tiny_models, tmp_path, which):
     from safetensors.torch import save_file
@@ -77,6 +88,7 @@ def test_update_in_place_then_match_transformers(ray_local, tiny_models, tmp_pat
     shm = f"/dev/shm/calibrl-test-{os.getpid()}-{which}"
     os.makedirs(shm, exist_ok=True)
     save_file(sd, f"{shm}/model.safetensors")
+    link_model_files(path, shm)
     ray.get(worker.load_weights_from_path.remote(5, shm))
     after = ray.get(worker.generate.remote(requests[:1], greedy))[0]
     assert after.samples[0].weights_version == 5
@@ -90,7 +102,7 @@ def test_update_in_place_then_match_transformers(ray_local, tiny_models, tmp_pat
     ids = torch.tensor([after.prompt_token_ids])
     vis = image_tensors(proc, requests[0].images) if vl else {}
     with torch.no_grad():
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vis, max_new_tokens=12,
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vis, **types(model, ids, ids.shape[1]), max_new_tokens=12,
                              do_sample=False, eos_token_id=None, pad_token_id=0)
     n = len(after.samples[0].token_ids)
     assert gen[0, ids.shape[1]:ids.shape[1] + n].tolist() == after.samples[0].token_ids

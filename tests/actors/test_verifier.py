@@ -8,6 +8,7 @@ import ray
 
 from actors.verifier import VerifierPool, VerifierWorker
 from calibrl.algo.reward import Verdict
+from calibrl.config import VerifierConfig
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +22,7 @@ def fmt(answer: str) -> str:
 
 @pytest.fixture(scope="module")
 def pool(ray_local):
-    p = VerifierPool(2, timeout_s=TIMEOUT_S, pass_threshold=0.1, name_prefix="verifier-test")
+    p = VerifierPool.from_config(VerifierConfig(num_workers=2, timeout_s=TIMEOUT_S), name_prefix="verifier-test")
     yield p
     p.shutdown()
 

@@ -8,8 +8,15 @@ import pathlib
 import numpy as np
 import torch
 
-from calibrl.algo import (CalibrationStage, ExpertTrajectory, Group, Response, TrainBatch, Verdict,
-                          attach_expert_logprobs)
+from calibrl.algo import (
+    CalibrationStage,
+    ExpertTrajectory,
+    Group,
+    Response,
+    TrainBatch,
+    Verdict,
+    attach_expert_logprobs,
+)
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 

@@ -1,0 +1,189 @@
+"""Benchmark: the calibration stage against a per-sample Python loop, and calibrl_loss against GRPO's loss.
+
+    .venv/bin/python benchmarks/calibration.py            # 512 groups x (15 on-policy + 1 expert) x 1024 tokens
+    .venv/bin/python benchmarks/calibration.py --small    # 32 groups x (15 + 1) x 256 tokens, a few seconds
+
+1. Calibration stage: `CalibrationStage.add` for every group + `assemble` (mixup, padding, rewards,
+   group advantages, expert pointers) + `attach_expert_logprobs` (section 4's b_t for every row), against
+   `benchmarks/reference_loop.py`, the same spec written as a straightforward per-sample loop. Both
+   get the same groups (fastest of `--stage-repeats` alternating runs); their outputs are asserted equal. Run twice: token ids and log-probs as
+   Python lists, then as numpy arrays (what a rollout worker can send through Ray without a copy;
+   with lists, converting them is most of the stage's time).
+2. Loss: forward + backward of `calibrl_loss` against `ppo_loss` (the GRPO loss, same dual clip)
+   on the assembled batch's shapes, fastest of `--repeats` alternating runs, metrics included in both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import time
+
+import numpy as np
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from reference_loop import reference_assemble, reference_attach
+
+from calibrl.algo import (
+    CalibrationStage,
+    ExpertTrajectory,
+    Group,
+    Response,
+    Verdict,
+    attach_expert_logprobs,
+    calibrl_loss,
+    ppo_loss,
+)
+
+FIELDS = ["prompt_ids", "prompt_mask", "response_ids", "response_mask", "rollout_logp", "old_logp",
+          "expert_old_logp", "expert_mean_logp", "rewards", "advantages", "accuracy", "format_ok", "passed",
+          "is_expert", "group_index", "has_expert", "expert_row", "response_length", "weights_version"]
+
+
+def make_groups(num_groups: int, n: int, max_len: int, max_prompt: int, *, arrays: bool, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    rows = num_groups * (n + 1)
+    lengths = rng.integers(max_len // 8, max_len + 1, size=rows)
+    lengths[0] = max_len  # the padded width is max_len
+    ids = rng.integers(3, 150_000, size=int(lengths.sum()))
+    logp = (-3 * rng.random(int(lengths.sum()))).astype(np.float32)
+    cuts = np.cumsum(lengths)[:-1]
+    ids_rows, logp_rows = np.split(ids, cuts), np.split(logp, cuts)
+    if not arrays:
+        ids_rows = [r.tolist() for r in ids_rows]
+        logp_rows = [r.tolist() for r in logp_rows]
+    groups = []
+    for g in range(num_groups):
+        base = g * (n + 1)
+        acc = rng.random(n) < rng.random()
+        fmt = rng.random(n) < 0.9
+        verdicts = [Verdict(reward=float(a) + 0.1 * float(f), accuracy=float(a), format_ok=bool(f),
+                            passed=float(a) + 0.1 * float(f) > 0.1) for a, f in zip(acc, fmt)]
+        responses = [Response(token_ids=ids_rows[base + i], logprobs=logp_rows[base + i], text="",
+                              finish_reason="length" if lengths[base + i] == max_len else "stop")
+                     for i in range(n)]
+        prompt = rng.integers(3, 150_000, size=int(rng.integers(max_prompt // 4, max_prompt + 1)))
+        groups.append(Group(prompt_id=f"p{g}", prompt_token_ids=prompt.tolist() if not arrays else prompt, answer="1",
+                            responses=responses, verdicts=verdicts,
+                            experts=[ExpertTrajectory(token_ids=ids_rows[base + n], text="")]))
+    return groups
+
+
+STAGE_KW = {"pad_token_id": 0, "mixup": "random", "mix_ratio": 1.0, "std_normalize": False, "seed": 0}
+
+
+def run_stage(groups, old_logp):
+    stage = CalibrationStage(**STAGE_KW)
+    for g in groups:
+        stage.add(g)
+    batch, _ = stage.assemble()
+    return attach_expert_logprobs(batch, old_logp)
+
+
+def run_reference(groups, old_logp):
+    return reference_attach(reference_assemble(groups, **STAGE_KW), old_logp)
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - start
+
+
+def best_times(fns, repeats: int) -> list[float]:
+    """Fastest of `repeats` runs of each fn, run alternately (other processes share the cores)."""
+    for fn in fns:
+        fn()  # warm-up
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [min(ts) for ts in times]
+
+
+def compare_stage(num_groups: int, n: int, max_len: int, max_prompt: int, *, arrays: bool, repeats: int):
+    """Time the stage and the loop on the same groups; assert equal outputs. Returns (batch, t_stage, t_loop)."""
+    warm = make_groups(2, n, 16, 8, arrays=arrays, seed=1)  # first-call costs out of the timings
+    run_stage(warm, torch.zeros(2 * (n + 1), 16))
+    run_reference(warm, torch.zeros(2 * (n + 1), 16))
+    groups = make_groups(num_groups, n, max_len, max_prompt, arrays=arrays)
+    old_logp = -3 * torch.rand(num_groups * (n + 1), max_len, generator=torch.Generator().manual_seed(0))
+    t_stage = t_loop = float("inf")
+    for _ in range(repeats):  # fastest of alternating runs: other processes share the cores
+        batch, t = timed(run_stage, groups, old_logp)
+        t_stage = min(t_stage, t)
+        ref, t = timed(run_reference, groups, old_logp)
+        t_loop = min(t_loop, t)
+    for name in FIELDS:
+        got, want = getattr(batch, name), ref[name]
+        assert got.shape == want.shape and got.dtype == want.dtype, name
+        if got.dtype.is_floating_point:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(got, want), name
+    return batch, t_stage, t_loop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="32 groups x 256 tokens: a quick check")
+    parser.add_argument("--repeats", type=int, default=7, help="loss timing repeats (fastest counts)")
+    parser.add_argument("--stage-repeats", type=int, default=3, help="stage / loop timing repeats (fastest counts)")
+    args = parser.parse_args()
+    num_groups, max_len, max_prompt = (32, 256, 64) if args.small else (512, 1024, 256)
+    n = 15
+    rows = num_groups * (n + 1)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {num_groups} groups x ({n} on-policy + 1 "
+          f"expert) x {max_len} tokens = {rows} rows")
+
+    _, t_stage_lists, t_loop_lists = compare_stage(num_groups, n, max_len, max_prompt, arrays=False,
+                                                 repeats=args.stage_repeats)
+    batch, t_stage_arrays, t_loop_arrays = compare_stage(num_groups, n, max_len, max_prompt, arrays=True,
+                                                      repeats=args.stage_repeats)
+
+    # loss forward + backward at the batch's shapes (mixed pass/fail, experts present)
+    gen = torch.Generator().manual_seed(1)
+    logp0 = (batch.old_logp + 0.3 * torch.randn(batch.old_logp.shape, generator=gen)).clamp(max=-1e-4)
+    adv = torch.randn(rows, generator=gen)
+
+    def calib():
+        logp = logp0.clone().requires_grad_()
+        loss, _ = calibrl_loss(logp, batch.old_logp, adv, batch.response_mask, batch.is_expert, batch.passed,
+                               batch.expert_old_logp, has_expert=batch.has_expert)
+        loss.backward()
+
+    def grpo():
+        logp = logp0.clone().requires_grad_()
+        loss, _ = ppo_loss(logp, batch.old_logp, adv, batch.response_mask, batch.is_expert)
+        loss.backward()
+
+    t_calib, t_grpo = best_times([calib, grpo], args.repeats)
+
+    def row(name, seconds, ratio="", target=""):
+        print(f"| {name:66s} | {seconds:9.3f} | {ratio:>8s} | {target:8s} |")
+
+    print()
+    print(f"| {'measurement':66s} | {'seconds':>9s} | {'ratio':>8s} | target   |")
+    print(f"|{'-' * 68}|{'-' * 11}|{'-' * 10}|----------|")
+    row("ids/log-probs as Python lists: per-sample loop", t_loop_lists)
+    row("ids/log-probs as Python lists: CalibrationStage + attach", t_stage_lists,
+        f"{t_loop_lists / t_stage_lists:.1f}x", ">= 30x")
+    row("ids/log-probs as numpy arrays: per-sample loop", t_loop_arrays)
+    row("ids/log-probs as numpy arrays: CalibrationStage + attach", t_stage_arrays,
+        f"{t_loop_arrays / t_stage_arrays:.1f}x", ">= 30x")
+    row("ppo_loss (GRPO) forward+backward", t_grpo)
+    row("calibrl_loss forward+backward", t_calib, f"{t_calib / t_grpo:.2f}x", "<= 1.10x")
+    print(f"\noutputs equal ({len(FIELDS)} fields, {rows} rows x {batch.response_ids.shape[1]} tokens, both input "
+          f"kinds); stage speed-up {t_loop_lists / t_stage_lists:.1f}x (lists) / {t_loop_arrays / t_stage_arrays:.1f}x "
+          f"(arrays); calibrl_loss / GRPO loss {t_calib / t_grpo:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
