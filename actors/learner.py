@@ -75,7 +75,8 @@ class Learner:
     def __init__(self, *, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
                  zero_stage: int = 2, lr: float = 1e-6, weight_decay: float = 0.0, grad_clip: float = 1.0,
                  lr_warmup_steps: int = 0, lr_schedule: str = "constant", total_updates: int = 1000,
-                 micro_batch_per_device: int = 4, gradient_checkpointing: bool = False, seed: int = 0):
+                 micro_batch_per_device: int = 4, gradient_checkpointing: bool = False, optimizer: str = "adamw",
+                 seed: int = 0):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         cuda = torch.cuda.is_available()
@@ -98,7 +99,8 @@ class Learner:
         self.image_processor = AutoImageProcessor.from_pretrained(model_path) if vl else None
         self.model_path = model_path
 
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        optimizer = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
+                     else torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(warmup_steps=lr_warmup_steps, total_steps=total_updates, schedule=lr_schedule))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -272,3 +274,11 @@ class Learner:
 
         dist.barrier()
         return self.rank
+
+
+def gather_rank_rows(results: list[dict[str, torch.Tensor]], key: str, shape: tuple[int, int]) -> torch.Tensor:
+    """Put each rank's `compute_logprobs` rows back in batch order."""
+    out = torch.zeros(shape)
+    for r in results:
+        out[r["rows"]] = r[key]
+    return out

@@ -153,7 +153,9 @@ class LearnerConfig:
     lr_schedule: str = "constant"
     """`constant` or `cosine` after the warm-up."""
     weight_decay: float = 0.0
-    """AdamW weight decay."""
+    """Weight decay."""
+    optimizer: str = "adamw"
+    """`adamw` (default) or `sgd` (an update proportional to the gradient; used by equivalence tests)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
     mini_batch_prompts: int = 4
@@ -267,6 +269,7 @@ def validate(cfg: Config) -> Config:
     need(len(d.train_files) > 0 or a.name == "sft", "data.train_files is empty")
     need(r.weight_sync in ("shm", "nccl"), f"rollout.weight_sync={r.weight_sync!r}: use shm or nccl")
     need(ln.zero_stage in (0, 1, 2, 3), f"learner.zero_stage={ln.zero_stage} must be 0, 1, 2 or 3")
+    need(ln.optimizer in ("adamw", "sgd"), f"learner.optimizer={ln.optimizer!r}: adamw or sgd")
     need(ln.lr_schedule in ("constant", "cosine"), f"learner.lr_schedule={ln.lr_schedule!r}: constant or cosine")
     need(t.resume in ("auto", "never") or os.path.exists(t.resume),
          f"trainer.resume={t.resume!r} is neither auto, never nor an existing checkpoint path")
