@@ -129,7 +129,8 @@ class Learner:
                 vis = {k: v.to(self.device) for k, v in self._image_tensors(tuple(images)).items()}
         d = self.device
         return response_logprobs(self.engine, mb.prompt_ids.to(d), mb.prompt_mask.to(d), mb.response_ids.to(d),
-                                 mb.response_mask.to(d), with_entropy=with_entropy, **vis)
+                                 mb.response_mask.to(d), with_entropy=with_entropy,
+                                 config=self.engine.module.config, **vis)
 
     @lru_cache(maxsize=64)
     def _image_tensors(self, images: tuple[bytes, ...]) -> dict[str, torch.Tensor]:
@@ -187,6 +188,13 @@ class Learner:
         out["train/micro_batches"] = micro_count
         out["time/train_rank_s"] = time.time() - t0
         return out
+
+    def set_lr(self, lr: float) -> None:
+        """Change the peak learning rate (the schedule's multiplier still applies), e.g. after SFT warm-up."""
+        self.scheduler.base_lrs = [lr for _ in self.scheduler.base_lrs]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * factor
 
     # ---- weights out: to the rollout engines and to disk ----------------------------------------
 

@@ -21,6 +21,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from calibrl.algo import Response
 from calibrl.inputs import decode_images, render_chat
 
@@ -71,7 +73,8 @@ class RolloutWorker:
 
         t0 = time.time()
         kwargs: dict = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                            tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True)
+                            tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
+                            use_tqdm_on_load=False)
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
@@ -84,6 +87,13 @@ class RolloutWorker:
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
+        # A sampled image/video placeholder token would make the learner's input ill-formed (its
+        # count must equal the image features'); the engine never samples one.
+        self.logit_bias = {}
+        if is_vision_language(model_path):
+            hf = self.llm.llm_engine.model_config.hf_config
+            self.logit_bias = {t: -100.0 for t in (hf.image_token_id, hf.video_token_id, hf.vision_start_token_id,
+                                                   hf.vision_end_token_id)}
         self.weights_version = 0
         self.startup_s = time.time() - t0
 
@@ -93,6 +103,13 @@ class RolloutWorker:
         """Sample `sampling.n` responses per request; temperature 0 is greedy."""
         from vllm import SamplingParams
 
+        import torch
+
+        # Per-request seeds work on CUDA; vLLM's CPU sampler rejects them (its generator has no
+        # offset), so there the engine's generator (in this process) is reseeded for the call.
+        per_request_seed = torch.cuda.is_available()
+        if not per_request_seed and requests and requests[0].seed is not None:
+            torch.manual_seed(requests[0].seed)
         prompts, params = [], []
         for r in requests:
             p: dict = {"prompt": render_chat(self.tokenizer, r.prompt)}
@@ -100,15 +117,20 @@ class RolloutWorker:
                 p["multi_modal_data"] = {"image": decode_images(r.images)}
             prompts.append(p)
             params.append(SamplingParams(n=sampling.n, temperature=sampling.temperature, top_p=sampling.top_p,
-                                         max_tokens=sampling.max_tokens, logprobs=0, seed=r.seed))
+                                         max_tokens=sampling.max_tokens, logprobs=0,
+                                         seed=r.seed if per_request_seed else None,
+                                         logit_bias=self.logit_bias or None))
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         version = self.weights_version
         return [
             RolloutResult(
                 prompt_id=r.prompt_id,
                 prompt_token_ids=list(out.prompt_token_ids),
-                samples=[Response(token_ids=list(c.token_ids),
-                                       logprobs=[lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                # numpy arrays travel through Ray's object store without a copy and feed the
+                # calibration stage without a per-element conversion
+                samples=[Response(token_ids=np.asarray(c.token_ids, dtype=np.int64),
+                                       logprobs=np.asarray([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                                                           dtype=np.float32),
                                        text=c.text, finish_reason=str(c.finish_reason), weights_version=version)
                          for c in out.outputs])
             for r, out in zip(requests, outputs)

@@ -78,6 +78,8 @@ class RolloutConfig:
     """Weight transport learner -> engines: `shm` (safetensors in /dev/shm + reload) or `nccl` (GPU)."""
     num_cpus_per_worker: float = 1.0
     """Ray CPUs reserved per rollout actor."""
+    stream_chunk_prompts: int = 2
+    """Prompts per rollout request: groups reach the calibration stage as each request completes."""
 
 
 @dataclass
@@ -221,11 +223,11 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def load_config(yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Defaults <- YAML file <- `key=value` overrides; returns a typed `Config` (not validated)."""
+def load_config(yaml_paths: str | list[str] | None = None, overrides: Optional[list[str]] = None) -> Config:
+    """Defaults <- YAML file(s), in order <- `key=value` overrides; returns a typed `Config` (not validated)."""
     merged = OmegaConf.structured(Config)
-    if yaml_path:
-        merged = OmegaConf.merge(merged, OmegaConf.load(yaml_path))
+    for path in [yaml_paths] if isinstance(yaml_paths, str) else (yaml_paths or []):
+        merged = OmegaConf.merge(merged, OmegaConf.load(path))
     if overrides:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     return OmegaConf.to_object(merged)

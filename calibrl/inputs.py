@@ -35,10 +35,29 @@ def image_tensors(image_processor, images: Sequence[bytes]) -> dict[str, torch.T
     return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
 
-def expand_image_pads(text: str, image_grid_thw: torch.Tensor, merge_size: int) -> str:
-    """Repeat each `<|image_pad|>` by that image's number of merged visual tokens (as vLLM does)."""
-    counts = (image_grid_thw.prod(-1) // merge_size**2).tolist()
+def expand_image_pads(text: str, counts: Sequence[int]) -> str:
+    """Repeat the i-th `<|image_pad|>` counts[i] times (that image's merged visual tokens), as vLLM does."""
     parts = text.split(IMAGE_PAD)
     if len(parts) - 1 != len(counts):
         raise ValueError(f"prompt has {len(parts) - 1} image pads but {len(counts)} images")
     return parts[0] + "".join(IMAGE_PAD * c + p for c, p in zip(counts, parts[1:]))
+
+
+def grid_token_counts(image_grid_thw: torch.Tensor, merge_size: int) -> list[int]:
+    return (image_grid_thw.prod(-1) // merge_size**2).tolist()
+
+
+def image_token_count(image: bytes, *, patch_size: int = 14, merge_size: int = 2,
+                      min_pixels: int = 28 * 28 * 4, max_pixels: int = 28 * 28 * 16) -> int:
+    """Merged visual tokens a Qwen-VL processor makes of one encoded image (reads only its header)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    width, height = Image.open(io.BytesIO(image)).size
+    h, w = smart_resize(height, width, factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (h // patch_size) * (w // patch_size) // merge_size**2
+
+
+def prompt_token_ids(tokenizer, prompt_text: str, images: Sequence[bytes], **image_kwargs) -> list[int]:
+    """The prompt ids the rollout engine will see: chat-rendered, each image pad expanded."""
+    counts = [image_token_count(img, **image_kwargs) for img in images]
+    return tokenizer(expand_image_pads(render_chat(tokenizer, prompt_text), counts), add_special_tokens=False).input_ids

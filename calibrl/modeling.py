@@ -14,8 +14,8 @@ import torch
 from calibrl.algo.entropy import entropy_from_logits, logprobs_from_logits
 
 
-def is_vl_model(model) -> bool:
-    return hasattr(model.config, "vision_config")
+def is_vl_model(model, config=None) -> bool:
+    return hasattr(config or model.config, "vision_config")
 
 
 def mm_token_type_ids(config, input_ids: torch.Tensor) -> torch.Tensor:
@@ -29,22 +29,24 @@ def mm_token_type_ids(config, input_ids: torch.Tensor) -> torch.Tensor:
 def response_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
                       response_mask: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
                       image_grid_thw: torch.Tensor | None = None, temperature: float = 1.0,
-                      with_entropy: bool = False, chunk_size: int = 4096
+                      with_entropy: bool = False, chunk_size: int = 4096, config=None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(response_t | prompt, response_<t) for each response token.
 
     prompt_ids, prompt_mask: (B, P) left-padded; response_ids, response_mask: (B, T) right-padded;
     pixel_values: (num_patches, D) for the images of all rows in row order; image_grid_thw: (num_images, 3).
+    config: the HF config when `model` is a wrapper whose `.config` is something else (DeepSpeed's engine).
     Returns logp (B, T) float32 (0 where response_mask is 0) and, if asked, entropy (B, T).
     """
+    config = config or model.config
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
     kwargs: dict = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False,
                     "logits_to_keep": response_ids.shape[1] + 1}
-    if is_vl_model(model):
+    if is_vl_model(model, config):
         if pixel_values is not None:
             kwargs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
-                          mm_token_type_ids=torch.cat([mm_token_type_ids(model.config, prompt_ids),
+                          mm_token_type_ids=torch.cat([mm_token_type_ids(config, prompt_ids),
                                                        torch.zeros_like(response_ids, dtype=torch.int)], dim=1))
     else:
         kwargs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)

@@ -59,10 +59,11 @@ class MetricsLogger:
                         self.gauges[name] = self._gauge_cls(name, description=f"calibrl {k}")
                     self.gauges[name].set(float(record[k]))
 
-    def console(self, step: int, metrics: dict[str, float], keys: list[str]) -> None:
+    def console(self, step: int, metrics: dict[str, float], keys: dict[str, str]) -> None:
+        """One progress line: a bar, step/total, `label=value` for each label -> metric key, elapsed, eta."""
         elapsed = time.time() - self.start
         eta = elapsed / max(step, 1) * (self.total_steps - step)
-        parts = [f"{k.split('/')[-1]}={metrics[k]:.3f}" for k in keys if k in metrics]
+        parts = [f"{label}={metrics[k]:.3f}" for label, k in keys.items() if k in metrics]
         bar = "#" * int(20 * step / max(self.total_steps, 1))
         print(f"[{bar:<20}] step {step}/{self.total_steps} {' '.join(parts)} "
               f"({elapsed:.0f}s, eta {eta:.0f}s)", file=sys.stderr, flush=True)

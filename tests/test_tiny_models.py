@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from calibrl.inputs import expand_image_pads, image_tensors, render_chat
+from calibrl.inputs import expand_image_pads, grid_token_counts, image_tensors, prompt_token_ids, render_chat
 from calibrl.tiny_models import build_tokenizer
 
 
@@ -81,7 +81,7 @@ def test_vl_model_through_vllm_matches_transformers(tiny_models, tmp_path):
     v = json.loads(run.stdout.split("RESULT")[-1].splitlines()[0])
 
     vis = image_tensors(proc, example.images)
-    ids = tok(expand_image_pads(chat, vis["image_grid_thw"], proc.merge_size), return_tensors="pt").input_ids
+    ids = tok(expand_image_pads(chat, grid_token_counts(vis["image_grid_thw"], proc.merge_size)), return_tensors="pt").input_ids
     assert ids[0].tolist() == v["prompt_ids"]          # same tokens on both sides, image tokens included
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -93,3 +93,16 @@ def test_vl_model_through_vllm_matches_transformers(tiny_models, tmp_path):
     assert hf_ids == v["ids"]
     lp = torch.log_softmax(logits[0, ids.shape[1] - 1: -1], -1).gather(-1, full[0, ids.shape[1]:, None])[:, 0]
     assert torch.allclose(lp, torch.tensor(v["logprobs"]), atol=1e-4)
+
+
+def test_prompt_token_ids_count_image_tokens_like_the_processor(tiny_models):
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    from calibrl.data.synthetic import generate_examples
+
+    path = tiny_models["tiny-qwen2.5-vl"]
+    tok, proc = AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    ex = generate_examples(1, seed=0, split="test", multimodal=True)[0]
+    grid = image_tensors(proc, ex.images)["image_grid_thw"]
+    ids = prompt_token_ids(tok, ex.prompt, ex.images)
+    assert ids.count(tok.convert_tokens_to_ids("<|image_pad|>")) == grid_token_counts(grid, proc.merge_size)[0] == 9

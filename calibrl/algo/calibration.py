@@ -113,9 +113,9 @@ class CalibrationStage:
         if self._assembled:
             raise RuntimeError("this CalibrationStage was already assembled; make one per training step")
         n = len(group.responses)
-        if n == 0 or n != len(group.verdicts):
+        if n != len(group.verdicts) or (n == 0 and not group.experts):
             raise ValueError(f"group {group.prompt_id!r}: {n} responses but {len(group.verdicts)} verdicts "
-                             "(need one verdict per response, at least one response)")
+                             "(need one verdict per response, and a response or an expert)")
         response_ids = [np.asarray(r.token_ids, dtype=np.int64) for r in group.responses]
         response_logp = [np.asarray(r.logprobs, dtype=np.float32) for r in group.responses]
         for i, (ids, lp) in enumerate(zip(response_ids, response_logp)):
@@ -136,7 +136,7 @@ class CalibrationStage:
             passed=passed,
             truncated=[r.finish_reason == "length" for r in group.responses],
             weights_version=[r.weights_version for r in group.responses],
-            pass_rate=sum(passed) / n,
+            pass_rate=sum(passed) / n if n else 0.0,  # an expert-only group (SFT) has no on-policy rows
             uniform=self._rng.random(),  # drawn for every group so the stream ignores the policy
         ))
 

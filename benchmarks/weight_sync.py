@@ -1,0 +1,266 @@
+"""Benchmark: learner -> rollout weight sync against its floor, and rollout throughput inside the
+Ray actor against vLLM used directly.
+
+    .venv/bin/python benchmarks/weight_sync.py           # tiny Qwen2 + a random ~200M Qwen2, 5 repetitions
+    .venv/bin/python benchmarks/weight_sync.py --quick   # tiny Qwen2 + a random ~100M Qwen2, 3 repetitions
+
+1. Weight sync, end to end: `ShmWeightSync(learners, [worker]).push(v)` timed in the driver (gather
+   from the learner ranks, safetensors under /dev/shm, vLLM `reload_weights` in every rollout
+   worker, prefix-cache reset, the Ray round trips), median of --repeats. The floor, measured in
+   the same run on the same weights, alternating with the pushes: `safetensors.save_file` of the
+   learner's full state dict to /dev/shm (in this process) plus the workers'
+   `load_weights_from_path` of a directory written beforehand (vLLM's own `reload_weights`, timed
+   inside the worker). Target: push <= 1.5x floor. Learner layouts: 1 rank ZeRO-2 (no gather)
+   and 2 ranks ZeRO-3 (the export gathers the partitioned parameters).
+2. Rollout throughput: generated tokens/s of `RolloutWorker.generate` called through its Ray actor
+   (timed in the driver: Ray, result conversion and all) against `vllm.LLM.generate` in a fresh
+   subprocess (vLLM pins the threads of the process that holds the engine) with the same engine
+   arguments, prompts, seeds and sampling, so both generate the same tokens. Median of --repeats
+   after a warm-up. Target: actor >= 0.9x direct.
+
+Models are built locally with random weights (nothing is downloaded); every /dev/shm directory the
+run writes is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ENGINE = dict(dtype="float32", max_model_len=512, kv_cache_memory_mib=128, seed=0)
+"""RolloutWorker keywords; the direct run passes vLLM the same values (see direct_throughput)."""
+
+
+def make_random_qwen2(out_dir: str, *, hidden_size: int, num_layers: int, intermediate_size: int,
+                      vocab_size: int = 32768, seed: int = 0) -> int:
+    """A random Qwen2ForCausalLM in calibrl.tiny_models' style (its byte-level tokenizer, head_dim 64,
+    untied lm_head), vocabulary padded to `vocab_size`; returns the parameter count."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from calibrl.tiny_models import build_tokenizer
+
+    tok = build_tokenizer()
+    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                      num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64, num_key_value_heads=4,
+                      max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=None,
+                      eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
+                      rope_theta=10000.0)
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(cfg).to(torch.float32)
+    model.generation_config.eos_token_id = cfg.eos_token_id
+    model.save_pretrained(out_dir, safe_serialization=True)
+    tok.save_pretrained(out_dir)
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---- weight sync --------------------------------------------------------------------------------
+
+
+def sync_latency(model_path: str, worker, *, ranks: int, zero_stage: int, repeats: int, shm_root: str) -> dict:
+    """Median seconds of ShmWeightSync.push and of its floor (write + reload), alternating."""
+    import ray
+    from safetensors.torch import load_file, save_file
+
+    from actors.group import ActorGroup
+    from actors.learner import Learner
+    from actors.weight_sync import ShmWeightSync, link_model_files
+
+    learners = ActorGroup(Learner, ranks, name_prefix=f"learner-bench-z{zero_stage}x{ranks}", num_cpus_per_actor=1,
+                          model_path=model_path, zero_stage=zero_stage)
+    sync = ShmWeightSync(learners, [worker], root=os.path.join(shm_root, f"push-z{zero_stage}x{ranks}"))
+    try:
+        sync.push(1)  # warm-up; its file holds the bytes the floor writes (read back, not sent through Ray)
+        state = load_file(os.path.join(sync.root, "v1", "model.safetensors"))
+        nbytes = sum(t.numel() * t.element_size() for t in state.values())
+        push, export, load, write, reload = [], [], [], [], []
+        for i in range(repeats + 1):  # the first round warms up the floor
+            t0 = time.perf_counter()
+            timings = sync.push(i + 2)
+            t_push = time.perf_counter() - t0
+
+            floor_dir = os.path.join(shm_root, f"floor-{i}")
+            os.makedirs(floor_dir)
+            t0 = time.perf_counter()
+            save_file(state, os.path.join(floor_dir, "model.safetensors"))
+            t_write = time.perf_counter() - t0
+            link_model_files(model_path, floor_dir)
+            t_reload = max(ray.get([worker.load_weights_from_path.remote(-1, floor_dir)]))
+            shutil.rmtree(floor_dir)
+            if i:
+                push.append(t_push)
+                export.append(timings["time/sync_export_s"])
+                load.append(timings["time/sync_load_s"])
+                write.append(t_write)
+                reload.append(t_reload)
+        med = statistics.median
+        return {"bytes": nbytes, "push": med(push), "export": med(export), "load": med(load),
+                "write": med(write), "reload": med(reload), "floor": med(w + r for w, r in zip(write, reload))}
+    finally:
+        sync.close()
+        learners.shutdown()
+
+
+# ---- rollout throughput -----------------------------------------------------------------------------
+
+
+def rollout_prompts(num_prompts: int) -> list[str]:
+    from calibrl.data.synthetic import generate_examples
+
+    return [e.prompt for e in generate_examples(num_prompts, seed=0, split="test", multimodal=False)]
+
+
+def actor_throughput(worker, prompts: list[str], sampling: dict, repeats: int) -> dict:
+    import ray
+
+    from actors.rollout import RolloutRequest, SamplingSpec
+
+    requests = [RolloutRequest(prompt_id=str(i), prompt=p, seed=i) for i, p in enumerate(prompts)]
+    spec = SamplingSpec(**sampling)
+    ray.get(worker.generate.remote(requests[:2], spec))  # warm-up
+    times, tokens = [], 0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        results = ray.get(worker.generate.remote(requests, spec))
+        times.append(time.perf_counter() - t0)
+        tokens = sum(len(s.token_ids) for r in results for s in r.samples)
+    return {"tokens": tokens, "seconds": statistics.median(times), "tokens_per_s": tokens / statistics.median(times)}
+
+
+def direct_throughput(spec_file: str) -> None:
+    """(Subprocess) vLLM's LLM in this process, RolloutWorker's engine arguments and request
+    building; prints one JSON line with the result."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, as in the actor
+    from vllm import LLM, SamplingParams
+
+    from calibrl.inputs import render_chat
+
+    with open(spec_file) as f:
+        spec = json.load(f)
+    e = spec["engine"]
+    llm = LLM(model=spec["model_path"], dtype=e["dtype"], max_model_len=e["max_model_len"], seed=e["seed"],
+              tensor_parallel_size=1, enable_prefix_caching=True,
+              kv_cache_memory_bytes=e["kv_cache_memory_mib"] * 1024**2, enforce_eager=True)
+    tokenizer = llm.get_tokenizer()
+    s = spec["sampling"]
+    prompts = [{"prompt": render_chat(tokenizer, p)} for p in spec["prompts"]]
+    params = [SamplingParams(n=s["n"], temperature=s["temperature"], top_p=1.0, max_tokens=s["max_tokens"],
+                             logprobs=0, seed=i) for i in range(len(prompts))]
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    times, tokens = [], 0
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+        tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    print("RESULT " + json.dumps({"tokens": tokens, "seconds": statistics.median(times),
+                                  "tokens_per_s": tokens / statistics.median(times)}), flush=True)
+
+
+def run_direct(model_path: str, prompts: list[str], sampling: dict, repeats: int, tmp: str) -> dict:
+    spec_file = os.path.join(tmp, "direct.json")
+    with open(spec_file, "w") as f:
+        json.dump({"model_path": model_path, "engine": ENGINE, "prompts": prompts, "sampling": sampling,
+                   "repeats": repeats}, f)
+    proc = subprocess.run([sys.executable, __file__, "--direct", spec_file], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"direct vLLM run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+# ---- the run ------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a ~100M model, fewer prompts and repetitions")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median counts)")
+    parser.add_argument("--direct", metavar="SPEC_JSON", help=argparse.SUPPRESS)  # the subprocess
+    args = parser.parse_args()
+    if args.direct:
+        direct_throughput(args.direct)
+        return
+
+    repeats = args.repeats or (3 if args.quick else 5)
+    big = (dict(hidden_size=768, num_layers=8, intermediate_size=2048) if args.quick
+           else dict(hidden_size=1024, num_layers=12, intermediate_size=2816))
+    num_prompts = 8 if args.quick else 16
+    sampling = dict(n=4, temperature=1.0, max_tokens=32 if args.quick else 64)
+
+    import ray
+
+    from actors.group import named_actor
+    from actors.rollout import RolloutWorker
+    from calibrl.tiny_models import make_tiny_qwen2
+
+    tmp = tempfile.mkdtemp(prefix="calibrl-bench-")
+    shm_root = tempfile.mkdtemp(prefix="calibrl-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    sync_rows, rollout_rows = [], []
+    try:
+        models = {"tiny-qwen2": make_tiny_qwen2(os.path.join(tmp, "tiny-qwen2"))}
+        params = {"tiny-qwen2": None}
+        name = f"random-qwen2-{big['num_layers']}x{big['hidden_size']}"
+        params[name] = make_random_qwen2(os.path.join(tmp, name), **big)
+        models[name] = os.path.join(tmp, name)
+        prompts = rollout_prompts(num_prompts)
+        print(f"{num_prompts} prompts x n={sampling['n']} x {sampling['max_tokens']} tokens; {repeats} repetitions; "
+              f"{name}: {params[name] / 1e6:.0f}M parameters", flush=True)
+
+        # vLLM directly, before Ray starts: nothing else runs on the cores
+        direct = {m: run_direct(path, prompts, sampling, repeats, tmp) for m, path in models.items()}
+
+        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+        for m, path in models.items():
+            worker = named_actor(RolloutWorker, f"rollout-bench-{m}", num_cpus=1, model_path=path, **ENGINE)
+            try:
+                actor = actor_throughput(worker, prompts, sampling, repeats)
+                rollout_rows.append((m, direct[m], actor))
+                for ranks, stage in ((1, 2), (2, 3)):
+                    r = sync_latency(path, worker, ranks=ranks, zero_stage=stage, repeats=repeats, shm_root=shm_root)
+                    sync_rows.append((m, f"{ranks} rank{'s' if ranks > 1 else ''}, ZeRO-{stage}", r))
+                    print(f"  {m} {ranks}x ZeRO-{stage}: push {r['push']:.3f}s floor {r['floor']:.3f}s", flush=True)
+            finally:
+                ray.kill(worker)
+    finally:
+        shutil.rmtree(shm_root, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        if ray.is_initialized():
+            ray.shutdown()
+
+    print()
+    print("Weight sync, median seconds (push = ShmWeightSync.push end to end; floor = write + reload)")
+    print(f"| {'model':26s} | {'learners':16s} | {'MB':>6s} | {'push':>6s} | {'export':>6s} | {'load':>6s} | "
+          f"{'write':>6s} | {'reload':>6s} | {'floor':>6s} | {'ratio':>6s} | target |")
+    print(f"|{'-' * 28}|{'-' * 18}|{'-' * 8}|" + f"{'-' * 8}|" * 7 + "--------|")
+    for m, layout, r in sync_rows:
+        print(f"| {m:26s} | {layout:16s} | {r['bytes'] / 1e6:6.0f} | {r['push']:6.3f} | {r['export']:6.3f} | "
+              f"{r['load']:6.3f} | {r['write']:6.3f} | {r['reload']:6.3f} | {r['floor']:6.3f} | "
+              f"{r['push'] / r['floor']:5.2f}x | <= 1.5x |")
+    print()
+    print("Rollout throughput, generated tokens/s (median)")
+    print(f"| {'model':26s} | {'tokens':>6s} | {'vLLM direct':>11s} | {'Ray actor':>9s} | {'ratio':>6s} | target  |")
+    print(f"|{'-' * 28}|{'-' * 8}|{'-' * 13}|{'-' * 11}|{'-' * 8}|---------|")
+    for m, d, a in rollout_rows:
+        assert a["tokens"] == d["tokens"], (m, a["tokens"], d["tokens"])  # same seeds, same tokens
+        print(f"| {m:26s} | {a['tokens']:6d} | {d['tokens_per_s']:11.0f} | {a['tokens_per_s']:9.0f} | "
+              f"{a['tokens_per_s'] / d['tokens_per_s']:5.2f}x | >= 0.9x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Evaluation on held-out prompts: greedy accuracy, pass@k with sampling, format rate, mean
+response length, each overall and per `data_source`.
+
+Used by the trainer every `trainer.eval_every_steps` and at the end, and by
+`calibrl eval CHECKPOINT_OR_MODEL --data FILE.parquet ...` on any parquet.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import ray
+
+from actors.rollout import RolloutRequest, SamplingSpec
+from calibrl.data.schema import Example
+
+
+def _generate(workers: list, examples: list[Example], sampling: SamplingSpec, seed: int) -> list:
+    """Results in example order; the examples are split evenly over the workers."""
+    per = -(-len(examples) // len(workers))
+    refs = []
+    for w, start in zip(workers, range(0, len(examples), per)):
+        reqs = [RolloutRequest(prompt_id=e.id, prompt=e.prompt, images=list(e.images), seed=seed + start + j)
+                for j, e in enumerate(examples[start:start + per])]
+        refs.append(w.generate.remote(reqs, sampling))
+    return [r for part in ray.get(refs) for r in part]
+
+
+def evaluate(workers: list, verifiers, examples: list[Example], *, pass_k: int, temperature: float,
+             max_tokens: int, seed: int = 0) -> dict[str, float]:
+    if not examples:
+        return {}
+    greedy = _generate(workers, examples, SamplingSpec(n=1, temperature=0.0, max_tokens=max_tokens), seed)
+    sampled = (_generate(workers, examples, SamplingSpec(n=pass_k, temperature=temperature, max_tokens=max_tokens),
+                         seed + 7919) if pass_k > 0 else [])
+    texts = [r.samples[0].text for r in greedy] + [s.text for r in sampled for s in r.samples]
+    answers = [e.answer for e in examples] + [e.answer for e in examples for _ in range(pass_k if sampled else 0)]
+    verdicts, _ = verifiers.score(texts, answers)
+    n = len(examples)
+    greedy_v, sampled_v = verdicts[:n], verdicts[n:]
+
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for i, e in enumerate(examples):
+        by_source[e.data_source].append(i)
+
+    def summary(idx: list[int], suffix: str = "") -> dict[str, float]:
+        m = {f"val/accuracy{suffix}": sum(greedy_v[i].accuracy for i in idx) / len(idx),
+             f"val/format_rate{suffix}": sum(greedy_v[i].format_ok for i in idx) / len(idx),
+             f"val/response_length{suffix}": sum(len(greedy[i].samples[0].token_ids) for i in idx) / len(idx)}
+        if sampled_v:
+            m[f"val/pass_at_k{suffix}"] = sum(any(v.passed for v in sampled_v[i * pass_k:(i + 1) * pass_k])
+                                              for i in idx) / len(idx)
+        return m
+
+    out = summary(list(range(n)))
+    out["val/prompts"] = n
+    if len(by_source) > 1:
+        for source, idx in sorted(by_source.items()):
+            out |= summary(idx, "/" + source.replace("/", "_"))
+    return out
