@@ -18,6 +18,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 import torch
@@ -198,26 +200,33 @@ class Learner:
 
     # ---- weights out: to the rollout engines and to disk ----------------------------------------
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full HF-named weights on CPU; under ZeRO-3 every rank must call this (it gathers)."""
+    @contextmanager
+    def gathered_state_dict(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Full HF-named weights on CPU, valid inside the context (under ZeRO-3 they are gathered on
+        entry and partitioned again on exit: every rank must enter it)."""
         import deepspeed
 
         named = list(self.engine.module.named_parameters())
-        if self.zero_stage == 3:
-            with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None):
-                return {n: p.detach().cpu().clone() for n, p in named}
-        return {n: p.detach().cpu() for n, p in named}
+        with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None,
+                                               enabled=self.zero_stage == 3):
+            yield {n: p.detach().cpu() for n, p in named}
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full HF-named weights on CPU; under ZeRO-3 every rank must call this (it gathers)."""
+        with self.gathered_state_dict() as state:
+            return {n: t.clone() for n, t in state.items()} if self.zero_stage == 3 else state
 
     def export_weights(self, version: int, out_dir: str) -> str | None:
         """Write the full state dict as safetensors under out_dir/v{version} (rank 0); returns the path."""
         from safetensors.torch import save_file
 
-        state = self.full_state_dict()
-        if self.rank != 0:
-            return None
-        path = os.path.join(out_dir, f"v{version}")
-        os.makedirs(path, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
+        # written while gathered: no rank copies the weights (a copy costs as much as the write)
+        with self.gathered_state_dict() as state:
+            if self.rank != 0:
+                return None
+            path = os.path.join(out_dir, f"v{version}")
+            os.makedirs(path, exist_ok=True)
+            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
         link_model_files(self.model_path, path)
         return path
 

@@ -15,8 +15,8 @@ Ray actor against vLLM used directly.
 2. Rollout throughput: generated tokens/s of `RolloutWorker.generate` called through its Ray actor
    (timed in the driver: Ray, result conversion and all) against `vllm.LLM.generate` in a fresh
    subprocess (vLLM pins the threads of the process that holds the engine) with the same engine
-   arguments, prompts, seeds and sampling, so both generate the same tokens. Median of --repeats
-   after a warm-up. Target: actor >= 0.9x direct.
+   arguments, prompts, seed and sampling (token counts may differ a little: another thread count
+   sums floats in another order). Median of --repeats after a warm-up. Target: actor >= 0.9x direct.
 
 Models are built locally with random weights (nothing is downloaded); every /dev/shm directory the
 run writes is removed at the end.
@@ -145,6 +145,7 @@ def direct_throughput(spec_file: str) -> None:
     """(Subprocess) vLLM's LLM in this process, RolloutWorker's engine arguments and request
     building; prints one JSON line with the result."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, as in the actor
+    import torch
     from vllm import LLM, SamplingParams
 
     from calibrl.inputs import render_chat
@@ -158,12 +159,14 @@ def direct_throughput(spec_file: str) -> None:
     tokenizer = llm.get_tokenizer()
     s = spec["sampling"]
     prompts = [{"prompt": render_chat(tokenizer, p)} for p in spec["prompts"]]
+    # as RolloutWorker.generate on CPU: no per-request seeds, the engine's generator seeded per call
     params = [SamplingParams(n=s["n"], temperature=s["temperature"], top_p=1.0, max_tokens=s["max_tokens"],
-                             logprobs=0, seed=i) for i in range(len(prompts))]
+                             logprobs=0) for _ in prompts]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
     times, tokens = [], 0
     for _ in range(spec["repeats"]):
         t0 = time.perf_counter()
+        torch.manual_seed(0)
         outputs = llm.generate(prompts, params, use_tqdm=False)
         times.append(time.perf_counter() - t0)
         tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -254,11 +257,11 @@ def main() -> None:
               f"{r['push'] / r['floor']:5.2f}x | <= 1.5x |")
     print()
     print("Rollout throughput, generated tokens/s (median)")
-    print(f"| {'model':26s} | {'tokens':>6s} | {'vLLM direct':>11s} | {'Ray actor':>9s} | {'ratio':>6s} | target  |")
-    print(f"|{'-' * 28}|{'-' * 8}|{'-' * 13}|{'-' * 11}|{'-' * 8}|---------|")
+    print(f"| {'model':26s} | {'tokens (direct / actor)':>23s} | {'vLLM direct':>11s} | {'Ray actor':>9s} | "
+          f"{'ratio':>6s} | target  |")
+    print(f"|{'-' * 28}|{'-' * 25}|{'-' * 13}|{'-' * 11}|{'-' * 8}|---------|")
     for m, d, a in rollout_rows:
-        assert a["tokens"] == d["tokens"], (m, a["tokens"], d["tokens"])  # same seeds, same tokens
-        print(f"| {m:26s} | {a['tokens']:6d} | {d['tokens_per_s']:11.0f} | {a['tokens_per_s']:9.0f} | "
+        print(f"| {m:26s} | {d['tokens']:>11d} / {a['tokens']:<9d} | {d['tokens_per_s']:11.0f} | {a['tokens_per_s']:9.0f} | "
               f"{a['tokens_per_s'] / d['tokens_per_s']:5.2f}x | >= 0.9x |")
 
 

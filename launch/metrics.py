@@ -24,6 +24,7 @@ class MetricsLogger:
 
         self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         self.gauges = {}
+        self._first_console: tuple[int, float] | None = None
         if ray_metrics:
             from ray.util.metrics import Gauge
 
@@ -31,16 +32,10 @@ class MetricsLogger:
         else:
             self._gauge_cls = None
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records of steps > `step` (written by a run that crashed after its last checkpoint)."""
-        if not os.path.exists(self.path):
-            return
-        with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(keep)
-        os.replace(tmp, self.path)
+    def truncate_after(self, step: int, sft_step: int) -> None:
+        """Drop records written after the checkpoint being resumed (RL step > `step`, SFT step > `sft_step`)."""
+        for path in (self.path, os.path.join(os.path.dirname(self.path), "rollouts.jsonl")):
+            truncate_jsonl(path, lambda r: r["step"] <= (sft_step if r.get("kind") == "sft" else step))
 
     def log(self, step: int, metrics: dict[str, float], *, kind: str = "train") -> None:
         record = {"step": step, "kind": kind, "time_s": round(time.time() - self.start, 3)}
@@ -61,8 +56,12 @@ class MetricsLogger:
 
     def console(self, step: int, metrics: dict[str, float], keys: dict[str, str]) -> None:
         """One progress line: a bar, step/total, `label=value` for each label -> metric key, elapsed, eta."""
-        elapsed = time.time() - self.start
-        eta = elapsed / max(step, 1) * (self.total_steps - step)
+        now = time.time()
+        if self._first_console is None:
+            self._first_console = (step - 1, now - float(metrics.get("time/step_s", 0.0)))
+        first_step, first_time = self._first_console
+        elapsed = now - self.start
+        eta = (now - first_time) / max(step - first_step, 1) * (self.total_steps - step)
         parts = [f"{label}={metrics[k]:.3f}" for label, k in keys.items() if k in metrics]
         bar = "#" * int(20 * step / max(self.total_steps, 1))
         print(f"[{bar:<20}] step {step}/{self.total_steps} {' '.join(parts)} "
@@ -70,6 +69,18 @@ class MetricsLogger:
 
     def close(self) -> None:
         self.tb.close()
+
+
+def truncate_jsonl(path: str, keep) -> None:
+    """Rewrite `path` atomically with the records for which keep(record) is true."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and keep(json.loads(line))]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(lines)
+    os.replace(tmp, path)
 
 
 def _plain(v):

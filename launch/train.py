@@ -15,6 +15,7 @@ trajectories run first when `trainer.sft_warmup_steps` > 0.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -157,9 +158,9 @@ class Trainer:
                 self.sft_step += 1
                 self.log_sft(self.sft_update())
             ray.get(self.learners.run("set_lr", self.cfg.learner.lr))
-        if self.step >= c.total_steps:
-            print(f"[calibrl] checkpoint is at step {self.step} = trainer.total_steps; nothing left to train",
-                  file=sys.stderr)
+        if self.resume_from and self.step >= c.total_steps:
+            raise RuntimeError(f"{self.resume_from} is at step {self.step}, and trainer.total_steps={c.total_steps}: "
+                               "nothing left to train. Raise trainer.total_steps to continue this run.")
         pending = self.start_rollout(self.step + 1) if self.step < c.total_steps else None
         while self.step < c.total_steps:
             self.step += 1
@@ -171,7 +172,6 @@ class Trainer:
         final = self.evaluate_now()
         self.log_eval(final)
         self.save()
-        self.logger.close()
         return final
 
     def train_step(self, pending: PendingRollout) -> PendingRollout | None:
@@ -180,6 +180,11 @@ class Trainer:
         t0 = time.time()
         batch, metrics = self.finish_rollout(pending)
         t_rollout = time.time()
+        if len(batch) == 0:  # dynamic sampling found no informative group within its rounds
+            print(f"[calibrl] step {self.step}: no informative group after {metrics['sampling/rounds']} sampling "
+                  "rounds; no update this step", file=sys.stderr, flush=True)
+            self.logger.log(self.step, metrics | {"sampling/skipped_step": 1.0})
+            return self.start_rollout(self.step + 1) if self.step < c.trainer.total_steps else None
         one_step_off = c.trainer.one_step_off and self.step < c.trainer.total_steps
         next_pending = self.start_rollout(self.step + 1) if one_step_off else None
 
@@ -205,6 +210,7 @@ class Trainer:
 
         metrics |= sum_over_ranks(train)
         metrics |= sync
+        self.log_rollouts(batch)
         metrics |= {"time/rollout_s": t_rollout - t0 - metrics.get("time/verify_s", 0.0),
                     "time/logprobs_s": t_logp - t_rollout, "time/train_s": t_train - t_logp,
                     "time/step_s": time.time() - t0,
@@ -335,6 +341,16 @@ class Trainer:
                 "weights/staleness_max": float(staleness.max()) if staleness.numel() else 0.0,
                 "weights/staleness_mean": float(staleness.mean()) if staleness.numel() else 0.0}
 
+    def log_rollouts(self, batch, per_step: int = 2) -> None:
+        """rollouts.jsonl: the step's prompt ids and the first responses, decoded, with their rewards."""
+        on_policy = [i for i in range(len(batch)) if not batch.is_expert[i]]
+        record = {"step": self.step, "prompt_ids": list(dict.fromkeys(batch.row_prompt_id)),
+                  "samples": [{"prompt_id": batch.row_prompt_id[i], "reward": float(batch.rewards[i]),
+                               "response": self.tokenizer.decode(batch.response_ids[i][batch.response_mask[i]])}
+                              for i in on_policy[:per_step]]}
+        with open(os.path.join(self.out, "rollouts.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def evaluate_now(self) -> dict:
         t = self.cfg.trainer
         out = {}
@@ -377,12 +393,22 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.sft_sampler.load_state_dict(state["sft_sampler"])
         ckpt.set_rng_state(state["rng"])
-        self.logger.truncate_after(self.step)
+        self.logger.truncate_after(self.step, self.sft_step)
         self.weight_sync.push(self.version)
         print(f"[calibrl] resumed from {path} at step {self.step}", file=sys.stderr, flush=True)
 
     def shutdown(self) -> None:
+        """Stop every actor of this run (their names become free for the next run in this cluster)."""
         self.weight_sync.close()
+        self.logger.close()
+        self.learners.shutdown()
+        self.verifiers.shutdown()
+        for actor in [*self.rollout, self.experts]:
+            ray.kill(actor)
+        deadline = time.time() + 30
+        ours = {f"rollout-{i}" for i in range(len(self.rollout))} | {"expert-store"}
+        while time.time() < deadline and ours & {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}:
+            time.sleep(0.2)
 
 
 def sum_over_ranks(per_rank: list[dict]) -> dict:
