@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ENGINE = dict(dtype="float32", max_model_len=512, kv_cache_memory_mib=128, seed=0)
+ENGINE = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_mib": 128, "seed": 0}
 """RolloutWorker keywords; the direct run passes vLLM the same values (see direct_throughput)."""
 
 
@@ -124,6 +124,12 @@ def rollout_prompts(num_prompts: int) -> list[str]:
     return [e.prompt for e in generate_examples(num_prompts, seed=0, split="test", multimodal=False)]
 
 
+def engine_threads(_=None) -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def actor_throughput(worker, prompts: list[str], sampling: dict, repeats: int) -> dict:
     import ray
 
@@ -138,7 +144,8 @@ def actor_throughput(worker, prompts: list[str], sampling: dict, repeats: int) -
         results = ray.get(worker.generate.remote(requests, spec))
         times.append(time.perf_counter() - t0)
         tokens = sum(len(s.token_ids) for r in results for s in r.samples)
-    return {"tokens": tokens, "seconds": statistics.median(times), "tokens_per_s": tokens / statistics.median(times)}
+    return {"tokens": tokens, "seconds": statistics.median(times), "tokens_per_s": tokens / statistics.median(times),
+            "threads": ray.get(worker.__ray_call__.remote(engine_threads))}
 
 
 def direct_throughput(spec_file: str) -> None:
@@ -171,7 +178,8 @@ def direct_throughput(spec_file: str) -> None:
         times.append(time.perf_counter() - t0)
         tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     print("RESULT " + json.dumps({"tokens": tokens, "seconds": statistics.median(times),
-                                  "tokens_per_s": tokens / statistics.median(times)}), flush=True)
+                                  "tokens_per_s": tokens / statistics.median(times),
+                                  "threads": engine_threads()}), flush=True)
 
 
 def run_direct(model_path: str, prompts: list[str], sampling: dict, repeats: int, tmp: str) -> dict:
@@ -179,7 +187,8 @@ def run_direct(model_path: str, prompts: list[str], sampling: dict, repeats: int
     with open(spec_file, "w") as f:
         json.dump({"model_path": model_path, "engine": ENGINE, "prompts": prompts, "sampling": sampling,
                    "repeats": repeats}, f)
-    proc = subprocess.run([sys.executable, __file__, "--direct", spec_file], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, __file__, "--direct", spec_file], capture_output=True, text=True,
+                          check=False)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
         raise RuntimeError(f"direct vLLM run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -200,10 +209,10 @@ def main() -> None:
         return
 
     repeats = args.repeats or (3 if args.quick else 5)
-    big = (dict(hidden_size=768, num_layers=8, intermediate_size=2048) if args.quick
-           else dict(hidden_size=1024, num_layers=12, intermediate_size=2816))
+    big = ({"hidden_size": 768, "num_layers": 8, "intermediate_size": 2048} if args.quick
+           else {"hidden_size": 1024, "num_layers": 12, "intermediate_size": 2816})
     num_prompts = 8 if args.quick else 16
-    sampling = dict(n=4, temperature=1.0, max_tokens=32 if args.quick else 64)
+    sampling = {"n": 4, "temperature": 1.0, "max_tokens": 32 if args.quick else 64}
 
     import ray
 
@@ -227,19 +236,28 @@ def main() -> None:
         # vLLM directly, before Ray starts: nothing else runs on the cores
         direct = {m: run_direct(path, prompts, sampling, repeats, tmp) for m, path in models.items()}
 
-        ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+        cores = os.cpu_count() or 1
+        ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
         for m, path in models.items():
-            worker = named_actor(RolloutWorker, f"rollout-bench-{m}", num_cpus=1, model_path=path, **ENGINE)
-            try:
-                actor = actor_throughput(worker, prompts, sampling, repeats)
-                rollout_rows.append((m, direct[m], actor))
-                for ranks, stage in ((1, 2), (2, 3)):
-                    r = sync_latency(path, worker, ranks=ranks, zero_stage=stage, repeats=repeats, shm_root=shm_root)
-                    sync_rows.append((m, f"{ranks} rank{'s' if ranks > 1 else ''}, ZeRO-{stage}", r))
-                    print(f"  {m} {ranks}x ZeRO-{stage}: push {r['push']:.3f}s floor {r['floor']:.3f}s", flush=True)
-            finally:
-                ray.kill(worker)
+            rollout_rows.append((m, "vLLM LLM, one process", direct[m]))
+            # Ray sets OMP_NUM_THREADS to an actor's num_cpus: the engine's threads follow its reservation
+            for num_cpus in (cores, 1):
+                worker = named_actor(RolloutWorker, f"rollout-bench-{m}-{num_cpus}", num_cpus=num_cpus,
+                                     model_path=path, **ENGINE)
+                try:
+                    rollout_rows.append((m, f"Ray actor, num_cpus={num_cpus}",
+                                         actor_throughput(worker, prompts, sampling, repeats)))
+                    if num_cpus != cores:
+                        continue
+                    for ranks, stage in ((1, 2), (2, 3)):
+                        r = sync_latency(path, worker, ranks=ranks, zero_stage=stage, repeats=repeats,
+                                         shm_root=shm_root)
+                        sync_rows.append((m, f"{ranks} rank{'s' if ranks > 1 else ''}, ZeRO-{stage}", r))
+                        print(f"  {m} {ranks}x ZeRO-{stage}: push {r['push']:.3f}s floor {r['floor']:.3f}s",
+                              flush=True)
+                finally:
+                    ray.kill(worker)
     finally:
         shutil.rmtree(shm_root, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -256,14 +274,14 @@ def main() -> None:
               f"{r['load']:6.3f} | {r['write']:6.3f} | {r['reload']:6.3f} | {r['floor']:6.3f} | "
               f"{r['push'] / r['floor']:5.2f}x | <= 1.5x |")
     print()
-    print("Rollout throughput, generated tokens/s (median)")
-    print(f"| {'model':26s} | {'tokens (direct / actor)':>23s} | {'vLLM direct':>11s} | {'Ray actor':>9s} | "
-          f"{'ratio':>6s} | target  |")
-    print(f"|{'-' * 28}|{'-' * 25}|{'-' * 13}|{'-' * 11}|{'-' * 8}|---------|")
-    for m, d, a in rollout_rows:
-        print(f"| {m:26s} | {d['tokens']:>11d} / {a['tokens']:<9d} | {d['tokens_per_s']:11.0f} | {a['tokens_per_s']:9.0f} | "
-              f"{a['tokens_per_s'] / d['tokens_per_s']:5.2f}x | >= 0.9x |")
-
+    print("Rollout throughput, generated tokens/s (median); ratio against vLLM direct")
+    print(f"| {'model':26s} | {'engine':26s} | threads | {'tokens':>6s} | {'tokens/s':>8s} | {'ratio':>6s} | target  |")
+    print(f"|{'-' * 28}|{'-' * 28}|---------|{'-' * 8}|{'-' * 10}|{'-' * 8}|---------|")
+    for m, engine, r in rollout_rows:
+        ratio, target = ("", "") if engine.startswith("vLLM") else (
+            f"{r['tokens_per_s'] / direct[m]['tokens_per_s']:5.2f}x", ">= 0.9x")
+        print(f"| {m:26s} | {engine:26s} | {r['threads']:7d} | {r['tokens']:6d} | {r['tokens_per_s']:8.0f} | "
+              f"{ratio:>6s} | {target:7s} |")
 
 if __name__ == "__main__":
     main()

@@ -75,6 +75,9 @@ class PendingRollout:
     rounds: int
     prompts_drawn: int
     started: float
+    sampler_state: dict
+    """The prompt sampler's state before this rollout drew: a checkpoint taken while it is in
+    flight resumes by drawing these prompts again."""
     verify_s: float = 0.0
     verify_timeouts: int = 0
     verify_errors: int = 0
@@ -143,6 +146,7 @@ class Trainer:
         self.step = 0
         self.sft_step = 0
         self.version = 0
+        self.pending: PendingRollout | None = None  # a rollout in flight (one-step-off mode)
 
     # ---- the training loop ---------------------------------------------------------------------
 
@@ -161,10 +165,10 @@ class Trainer:
         if self.resume_from and self.step >= c.total_steps:
             raise RuntimeError(f"{self.resume_from} is at step {self.step}, and trainer.total_steps={c.total_steps}: "
                                "nothing left to train. Raise trainer.total_steps to continue this run.")
-        pending = self.start_rollout(self.step + 1) if self.step < c.total_steps else None
         while self.step < c.total_steps:
             self.step += 1
-            pending = self.train_step(pending)
+            # synchronous mode samples here; one-step-off mode already started it during the last step
+            self.pending = self.train_step(self.pending or self.start_rollout(self.step))
             if c.eval_every_steps and self.step % c.eval_every_steps == 0 and self.step < c.total_steps:
                 self.log_eval(self.evaluate_now())
             if c.save_every_steps and self.step % c.save_every_steps == 0 and self.step < c.total_steps:
@@ -175,7 +179,7 @@ class Trainer:
         return final
 
     def train_step(self, pending: PendingRollout) -> PendingRollout | None:
-        """One RL step; returns the next step's rollout when it was started before training."""
+        """One RL step; returns the next step's rollout if one-step-off mode started it before training."""
         c, a = self.cfg, self.cfg.algorithm
         t0 = time.time()
         batch, metrics = self.finish_rollout(pending)
@@ -184,7 +188,7 @@ class Trainer:
             print(f"[calibrl] step {self.step}: no informative group after {metrics['sampling/rounds']} sampling "
                   "rounds; no update this step", file=sys.stderr, flush=True)
             self.logger.log(self.step, metrics | {"sampling/skipped_step": 1.0})
-            return self.start_rollout(self.step + 1) if self.step < c.trainer.total_steps else None
+            return None
         one_step_off = c.trainer.one_step_off and self.step < c.trainer.total_steps
         next_pending = self.start_rollout(self.step + 1) if one_step_off else None
 
@@ -205,8 +209,6 @@ class Trainer:
         metrics |= self.batch_metrics(batch, entropy)  # staleness against the weights that just trained
         self.version += 1
         sync = self.weight_sync.push(self.version)
-        next_pending = next_pending or (self.start_rollout(self.step + 1) if self.step < c.trainer.total_steps
-                                        else None)
 
         metrics |= sum_over_ranks(train)
         metrics |= sync
@@ -232,7 +234,8 @@ class Trainer:
             dynamic_sampling=a.dynamic_sampling, max_response_length=self.cfg.rollout.max_response_length,
             overlong_buffer_tokens=a.overlong_buffer_tokens, overlong_penalty=a.overlong_penalty,
             seed=step_seed(self.cfg.trainer.seed, step))
-        pending = PendingRollout(step=step, stage=stage, refs={}, rounds=0, prompts_drawn=0, started=time.time())
+        pending = PendingRollout(step=step, stage=stage, refs={}, rounds=0, prompts_drawn=0, started=time.time(),
+                                 sampler_state=self.sampler.state_dict())
         self.submit_round(pending)
         return pending
 
@@ -379,7 +382,8 @@ class Trainer:
         tmp = ckpt.begin(self.out, self.step)
         ray.get(self.learners.run("save_checkpoint", os.path.join(tmp, "learner")))
         state = {"step": self.step, "sft_step": self.sft_step, "version": self.version,
-                 "sampler": self.sampler.state_dict(), "sft_sampler": self.sft_sampler.state_dict(),
+                 "sampler": self.pending.sampler_state if self.pending else self.sampler.state_dict(),
+                 "sft_sampler": self.sft_sampler.state_dict(),
                  "rng": ckpt.rng_state()}
         path = ckpt.commit(tmp, state=state, config_yaml=to_yaml(self.cfg), experts_dir=self.experts_dir,
                            keep=self.cfg.trainer.keep_checkpoints)
