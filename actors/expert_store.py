@@ -38,7 +38,7 @@ from transformers import AutoTokenizer
 from actors.group import named_actor
 from calibrl.algo import ExpertTrajectory
 from calibrl.config import Config
-from calibrl.data.reader import DataError, _BadRow, _detect_layout, _example_id, _experts
+from calibrl.data.reader import BadRow, DataError, detect_layout, example_id, parse_experts
 
 ADDITIONS_FILE = "additions.parquet"
 ADDITIONS_SCHEMA = pa.schema([
@@ -108,7 +108,7 @@ class ExpertStore:
         index: dict[str, _Location] = {}
         for f, path in enumerate(self.files):
             parquet = pq.ParquetFile(path)
-            layout = _detect_layout(path, parquet.schema_arrow, self.expert_key)
+            layout = detect_layout(path, parquet.schema_arrow, self.expert_key)
             self._layouts.append(layout)
             if layout.experts is None:
                 self.counts["files_without_expert_column"] += 1
@@ -120,7 +120,7 @@ class ExpertStore:
                 n = parquet.metadata.row_group(rg).num_rows
                 ids = parquet.read_row_group(rg, columns=[id_column]).column(0).to_pylist() if id_column else [None] * n
                 for offset, value in enumerate(ids):
-                    prompt_id = _example_id(layout, {id_column: value} if id_column else {}, stem, row)
+                    prompt_id = example_id(layout, {id_column: value} if id_column else {}, stem, row)
                     index.setdefault(prompt_id, _Location(f, rg, offset, row))
                     row += 1
         self.counts["indexed_prompts"] = len(index)
@@ -140,8 +140,8 @@ class ExpertStore:
             for pid in pids:
                 loc = self._index[pid]
                 try:
-                    texts[pid] = _experts(layout, values[loc.offset].as_py())
-                except _BadRow as bad:
+                    texts[pid] = parse_experts(layout, values[loc.offset].as_py())
+                except BadRow as bad:
                     raise DataError(path, loc.row, bad.field, bad.message, reason=bad.reason) from None
         return texts
 

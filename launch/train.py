@@ -155,13 +155,14 @@ class Trainer:
         if self.resume_from:
             self.restore(self.resume_from)
         else:
-            self.log_eval(self.evaluate_now())  # the starting point, for the report
+            self.log_eval(self.evaluate_now(), phase="start")  # the starting point, for the report
         if self.sft_step < c.sft_warmup_steps:
             ray.get(self.learners.run("set_lr", self.cfg.learner.sft_lr or self.cfg.learner.lr))
             while self.sft_step < c.sft_warmup_steps:
                 self.sft_step += 1
                 self.log_sft(self.sft_update())
             ray.get(self.learners.run("set_lr", self.cfg.learner.lr))
+            self.log_eval(self.evaluate_now(), phase="after SFT warm-up")
         if self.resume_from and self.step >= c.total_steps:
             raise RuntimeError(f"{self.resume_from} is at step {self.step}, and trainer.total_steps={c.total_steps}: "
                                "nothing left to train. Raise trainer.total_steps to continue this run.")
@@ -170,11 +171,11 @@ class Trainer:
             # synchronous mode samples here; one-step-off mode already started it during the last step
             self.pending = self.train_step(self.pending or self.start_rollout(self.step))
             if c.eval_every_steps and self.step % c.eval_every_steps == 0 and self.step < c.total_steps:
-                self.log_eval(self.evaluate_now())
+                self.log_eval(self.evaluate_now(), phase="periodic")
             if c.save_every_steps and self.step % c.save_every_steps == 0 and self.step < c.total_steps:
                 self.save()
         final = self.evaluate_now()
-        self.log_eval(final)
+        self.log_eval(final, phase="final")
         self.save()
         return final
 
@@ -366,10 +367,10 @@ class Trainer:
             out |= {k.replace("val", prefix, 1): v for k, v in res.items()}
         return out
 
-    def log_eval(self, metrics: dict) -> None:
-        self.logger.log(self.step, metrics, kind="eval")
-        shown = {k: v for k, v in metrics.items() if k.count("/") == 1}
-        print(f"[calibrl] eval at step {self.step}: " + " ".join(f"{k}={v:.3f}" for k, v in shown.items()),
+    def log_eval(self, metrics: dict, *, phase: str) -> None:
+        self.logger.log(self.step, metrics | {"phase": phase}, kind="eval")
+        shown = {k: v for k, v in metrics.items() if k.count("/") == 1 and k != "val/prompts"}
+        print(f"[calibrl] eval at step {self.step} ({phase}): " + " ".join(f"{k}={v:.3f}" for k, v in shown.items()),
               file=sys.stderr, flush=True)
 
     def log_sft(self, metrics: dict) -> None:

@@ -62,3 +62,9 @@ def test_validate_checks_model_context(tiny_models):
 def test_sft_allows_single_sample():
     validate(load_config(None, ["algorithm.name=sft", "rollout.samples_per_prompt=1",
                                 "learner.micro_batch_per_device=1"]))
+
+
+@pytest.mark.parametrize("path", sorted(__import__("glob").glob("configs/**/*.yaml", recursive=True)))
+def test_every_shipped_config_loads_and_validates(path):
+    overlays = [path] if "baselines" not in path else ["configs/cpu_demo.yaml", path]
+    validate(load_config(overlays))

@@ -56,7 +56,7 @@ class DataError(ValueError):
         super().__init__(f"{where}, field '{field}': {message}")
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     """Raised inside row conversion; turned into a DataError with the file and row attached."""
 
     def __init__(self, field: str, reason: str, message: str):
@@ -158,7 +158,7 @@ def _struct_field(t: pa.DataType, name: str) -> pa.Field | None:
     return None
 
 
-def _detect_layout(path: str, schema: pa.Schema, expert_key: str) -> _Layout:
+def detect_layout(path: str, schema: pa.Schema, expert_key: str) -> _Layout:
     def fail(field_name: str, message: str) -> DataError:
         return DataError(path, None, field_name, message, reason="schema")
 
@@ -227,7 +227,7 @@ def _detect_layout(path: str, schema: pa.Schema, expert_key: str) -> _Layout:
 
 def _prompt_text(layout: _Layout, value) -> str:
     if value is None:
-        raise _BadRow("prompt", "missing", "missing prompt")
+        raise BadRow("prompt", "missing", "missing prompt")
     if layout.format == "calibrl":
         text = value
     else:
@@ -235,14 +235,14 @@ def _prompt_text(layout: _Layout, value) -> str:
         for message in value:
             role = (message or {}).get("role")
             if role not in ("system", "user"):
-                raise _BadRow("prompt", "role", f"message role {role!r}: only system and user messages "
+                raise BadRow("prompt", "role", f"message role {role!r}: only system and user messages "
                                                 "are supported in a prompt")
             texts.append(message.get("content") or "")
         if not any(m.get("role") == "user" for m in value):
-            raise _BadRow("prompt", "missing", "no user message in the prompt")
+            raise BadRow("prompt", "missing", "no user message in the prompt")
         text = "\n".join(texts)
     if not text.strip():
-        raise _BadRow("prompt", "empty", "empty prompt")
+        raise BadRow("prompt", "empty", "empty prompt")
     return text
 
 
@@ -252,7 +252,7 @@ def _answer(layout: _Layout, record: dict) -> str:
     else:
         value = (record["reward_model"] or {}).get("ground_truth")
     if value is None or not str(value).strip():
-        raise _BadRow(layout.answer, "missing", "missing ground-truth answer")
+        raise BadRow(layout.answer, "missing", "missing ground-truth answer")
     return str(value)
 
 
@@ -264,34 +264,34 @@ def _images(value) -> tuple[bytes, ...]:
             hint = ""
             if isinstance(item, dict):
                 hint = f" (path={item.get('path')!r}; only embedded bytes are read)"
-            raise _BadRow("images", "missing", f"image {k} has no bytes{hint}")
+            raise BadRow("images", "missing", f"image {k} has no bytes{hint}")
         try:
             with Image.open(io.BytesIO(data)) as img:
                 img.draft(None, (1, 1))  # JPEG: decode at 1/8 scale, which still reads every byte
                 img.load()  # decodes the pixels: verify() alone misses truncated JPEG data
         except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
-            raise _BadRow("images", "undecodable", f"image {k} does not decode: {e}") from None
+            raise BadRow("images", "undecodable", f"image {k} does not decode: {e}") from None
         images.append(bytes(data))
     return tuple(images)
 
 
-def _experts(layout: _Layout, value) -> tuple[str, ...]:
+def parse_experts(layout: _Layout, value) -> tuple[str, ...]:
     if value is None:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list):
-        raise _BadRow(layout.experts, "not_a_string",
+        raise BadRow(layout.experts, "not_a_string",
                       f"expert is {type(value).__name__}, expected a string or a list of strings")
     for k, e in enumerate(items):
         if not isinstance(e, str):
-            raise _BadRow(layout.experts, "not_a_string",
+            raise BadRow(layout.experts, "not_a_string",
                           f"expert {k} is {type(e).__name__}, expected a string")
         if not e.strip():
-            raise _BadRow(layout.experts, "empty", f"expert {k} is empty")
+            raise BadRow(layout.experts, "empty", f"expert {k} is empty")
     return tuple(items)
 
 
-def _example_id(layout: _Layout, record: dict, stem: str, row: int) -> str:
+def example_id(layout: _Layout, record: dict, stem: str, row: int) -> str:
     if layout.id == "id" and record["id"]:
         return record["id"]
     if layout.id == "extra_info.index" and (record["extra_info"] or {}).get("index") is not None:
@@ -306,19 +306,19 @@ def _to_example(layout: _Layout, record: dict, *, stem: str, row: int, max_image
     images = _images(record[layout.images]) if layout.images else ()
     placeholders = prompt.count("<image>")
     if placeholders != len(images):
-        raise _BadRow("prompt", "image_count_mismatch",
+        raise BadRow("prompt", "image_count_mismatch",
                       f"{placeholders} <image> placeholders but {len(images)} images")
     if max_images is not None and len(images) > max_images:
-        raise _BadRow("images", "too_many",
+        raise BadRow("images", "too_many",
                       f"{len(images)} images, more than max_images_per_prompt={max_images}")
-    experts = _experts(layout, record[layout.experts]) if layout.experts else ()
+    experts = parse_experts(layout, record[layout.experts]) if layout.experts else ()
     source = (record[layout.data_source] if layout.data_source else None) or stem
-    example = Example(id=_example_id(layout, record, stem, row), prompt=prompt, images=images, answer=answer,
+    example = Example(id=example_id(layout, record, stem, row), prompt=prompt, images=images, answer=answer,
                       experts=experts, data_source=source)
     if prompt_length is not None and max_prompt_length is not None:
         n = prompt_length(example)
         if n > max_prompt_length:
-            raise _BadRow("prompt", "too_long", f"prompt is {n} tokens, longer than max_prompt_length="
+            raise BadRow("prompt", "too_long", f"prompt is {n} tokens, longer than max_prompt_length="
                                                 f"{max_prompt_length}")
     return example
 
@@ -337,7 +337,7 @@ def _iter_rows(path, *, expert_key: str, max_images: int | None, max_prompt_leng
     path = os.fspath(path)
     stem = os.path.splitext(os.path.basename(path))[0]
     parquet = pq.ParquetFile(path)
-    layout = _detect_layout(path, parquet.schema_arrow, expert_key)
+    layout = detect_layout(path, parquet.schema_arrow, expert_key)
     file_report = FileReport(path=path, format=layout.format)
     if report is not None:
         report.files.append(file_report)
@@ -348,7 +348,7 @@ def _iter_rows(path, *, expert_key: str, max_images: int | None, max_prompt_leng
             try:
                 example = _to_example(layout, record, stem=stem, row=row, max_images=max_images,
                                       max_prompt_length=max_prompt_length, prompt_length=prompt_length)
-            except _BadRow as bad:
+            except BadRow as bad:
                 err = DataError(path, row, bad.field, bad.message, reason=bad.reason)
                 if on_bad_row == "error":
                     raise err from None
