@@ -31,7 +31,7 @@ def hf_logprobs(model, image_processor, result, images):
     out = []
     for s in result.samples:
         p = torch.tensor([result.prompt_token_ids])
-        r = torch.tensor([s.token_ids])
+        r = torch.as_tensor(s.token_ids)[None]
         with torch.no_grad():
             lp, _ = response_logprobs(model, p, torch.ones_like(p), r, torch.ones_like(r), **vis)
         out.append(lp[0])
