@@ -24,9 +24,9 @@ from functools import lru_cache
 
 import torch
 
+from actors.weight_sync import link_model_files
 from calibrl.algo import TrainBatch, compute_loss, loss_normalizers
 from calibrl.inputs import image_tensors
-from actors.weight_sync import link_model_files
 from calibrl.modeling import response_logprobs
 
 
@@ -85,7 +85,12 @@ class Learner:
         if not cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
-        from transformers import AutoConfig, AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText
+        from transformers import (
+            AutoConfig,
+            AutoImageProcessor,
+            AutoModelForCausalLM,
+            AutoModelForImageTextToText,
+        )
 
         self.rank, self.world_size = rank, world_size
         self.micro_batch_per_device = micro_batch_per_device
@@ -234,8 +239,10 @@ class Learner:
         """Join vLLM's NCCL weight-transfer group (GPU): rank 0 sends, the engines receive."""
         from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
         from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
-        from vllm.distributed.weight_transfer.nccl_engine import (NCCLTrainerInitInfo,
-                                                                   NCCLTrainerWeightTransferEngine)
+        from vllm.distributed.weight_transfer.nccl_engine import (
+            NCCLTrainerInitInfo,
+            NCCLTrainerWeightTransferEngine,
+        )
 
         from actors.group import free_port, node_address
 

@@ -101,9 +101,8 @@ class RolloutWorker:
 
     def generate(self, requests: list[RolloutRequest], sampling: SamplingSpec) -> list[RolloutResult]:
         """Sample `sampling.n` responses per request; temperature 0 is greedy."""
-        from vllm import SamplingParams
-
         import torch
+        from vllm import SamplingParams
 
         # Per-request seeds work on CUDA; vLLM's CPU sampler rejects them (its generator has no
         # offset), so there the engine's generator (in this process) is reseeded for the call.

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 from omegaconf import OmegaConf
 
@@ -90,7 +89,7 @@ class VerifierConfig:
     """Per-response time limit; a response over it gets reward 0 and is counted."""
     pass_threshold: float = 0.1
     """A response passes when reward > this (a format-only response fails)."""
-    reward_function: Optional[str] = None
+    reward_function: str | None = None
     """Import path `module:function` of a custom reward fn(response, answer) -> float | Verdict."""
 
 
@@ -168,7 +167,7 @@ class LearnerConfig:
     """Passes over each step's batch."""
     num_cpus_per_learner: float = 1.0
     """Ray CPUs reserved per learner actor."""
-    sft_lr: Optional[float] = None
+    sft_lr: float | None = None
     """Learning rate during SFT warm-up steps (None: `lr`)."""
 
 
@@ -200,7 +199,7 @@ class TrainerConfig:
     """Sample step t+1 while the learner trains step t (staleness <= 1 version)."""
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
-    ray_address: Optional[str] = None
+    ray_address: str | None = None
     """Ray cluster to join (None: the running cluster if any, else a local one)."""
 
 
@@ -223,7 +222,7 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
-def load_config(yaml_paths: str | list[str] | None = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(yaml_paths: str | list[str] | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file(s), in order <- `key=value` overrides; returns a typed `Config` (not validated)."""
     merged = OmegaConf.structured(Config)
     for path in [yaml_paths] if isinstance(yaml_paths, str) else (yaml_paths or []):
@@ -237,7 +236,7 @@ def to_yaml(cfg: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
-def model_context_length(model_path: str) -> Optional[int]:
+def model_context_length(model_path: str) -> int | None:
     """max_position_embeddings from a local checkpoint's config.json (None if absent)."""
     p = os.path.join(model_path, "config.json")
     if not os.path.exists(p):

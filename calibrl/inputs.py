@@ -10,7 +10,7 @@ start from text (tests, evaluation with transformers).
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from PIL import Image

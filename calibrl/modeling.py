@@ -26,6 +26,16 @@ def mm_token_type_ids(config, input_ids: torch.Tensor) -> torch.Tensor:
             + 2 * (input_ids == getattr(config, "video_token_id", -1)).int())
 
 
+def vl_forward_kwargs(model, input_ids: torch.Tensor, prompt_len: int) -> dict:
+    """`mm_token_type_ids` for a transformers Qwen-VL forward/generate over prompt + generated tokens
+    ({} for a text model): image tokens are typed only inside the prompt."""
+    if not is_vl_model(model):
+        return {}
+    types = mm_token_type_ids(model.config, input_ids)
+    types[:, prompt_len:] = 0
+    return {"mm_token_type_ids": types}
+
+
 def response_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, response_ids: torch.Tensor,
                       response_mask: torch.Tensor, *, pixel_values: torch.Tensor | None = None,
                       image_grid_thw: torch.Tensor | None = None, temperature: float = 1.0,

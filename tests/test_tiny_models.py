@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from calibrl.inputs import expand_image_pads, grid_token_counts, image_tensors, prompt_token_ids, render_chat
+from calibrl.modeling import vl_forward_kwargs
 from calibrl.tiny_models import build_tokenizer
 
 
@@ -16,7 +17,7 @@ def test_tokenizer_is_byte_level_and_round_trips():
     text = "<think>2 + 3 = 5</think><answer>5</answer> ünï"
     ids = tok(text).input_ids
     assert tok.decode(ids) == text
-    assert len(ids) == len("<think>2 + 3 = 5</think><answer>5</answer> ".encode()) + len("ünï".encode())
+    assert len(ids) == len(b"<think>2 + 3 = 5</think><answer>5</answer> ") + len("ünï".encode())
 
 
 def test_chat_template_places_one_image_pad_per_image():
@@ -54,16 +55,6 @@ print("RESULT" + json.dumps({"prompt_ids": list(out.prompt_token_ids), "ids": li
 """
 
 
-def types(model, ids, prompt_len):
-    from calibrl.modeling import is_vl_model, mm_token_type_ids
-
-    if not is_vl_model(model):
-        return {}
-    types = mm_token_type_ids(model.config, ids)
-    types[:, prompt_len:] = 0  # generated tokens are text, whatever their id
-    return {"mm_token_type_ids": types}
-
-
 @pytest.mark.slow
 def test_vl_model_through_vllm_matches_transformers(tiny_models, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
@@ -85,10 +76,10 @@ def test_vl_model_through_vllm_matches_transformers(tiny_models, tmp_path):
     assert ids[0].tolist() == v["prompt_ids"]          # same tokens on both sides, image tokens included
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vis, **types(model, ids, ids.shape[1]), max_new_tokens=12,
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vis, **vl_forward_kwargs(model, ids, ids.shape[1]), max_new_tokens=12,
                              do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
         full = gen[:, : ids.shape[1] + 12]
-        logits = model(input_ids=full, attention_mask=torch.ones_like(full), **vis, **types(model, full, ids.shape[1])).logits.float()
+        logits = model(input_ids=full, attention_mask=torch.ones_like(full), **vis, **vl_forward_kwargs(model, full, ids.shape[1])).logits.float()
     hf_ids = gen[0, ids.shape[1]:].tolist()
     assert hf_ids == v["ids"]
     lp = torch.log_softmax(logits[0, ids.shape[1] - 1: -1], -1).gather(-1, full[0, ids.shape[1]:, None])[:, 0]

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from actors.group import named_actor
-from actors.weight_sync import link_model_files
 from actors.rollout import RolloutRequest, RolloutWorker, SamplingSpec
+from actors.weight_sync import link_model_files
+from calibrl.modeling import vl_forward_kwargs
 
 pytestmark = pytest.mark.slow
 
@@ -44,16 +45,6 @@ def perturbed_state_dict(model, scale=0.05, seed=1):
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * scale)
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-
-
-def types(model, ids, prompt_len):
-    from calibrl.modeling import is_vl_model, mm_token_type_ids
-
-    if not is_vl_model(model):
-        return {}
-    types = mm_token_type_ids(model.config, ids)
-    types[:, prompt_len:] = 0  # generated tokens are text, whatever their id
-    return {"mm_token_type_ids": types}
 
 
 @pytest.mark.parametrize("which", ["tiny-qwen2", "tiny-qwen2.5-vl"])
@@ -102,7 +93,7 @@ def test_update_in_place_then_match_transformers(ray_local, tiny_models, tmp_pat
     ids = torch.tensor([after.prompt_token_ids])
     vis = image_tensors(proc, requests[0].images) if vl else {}
     with torch.no_grad():
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vis, **types(model, ids, ids.shape[1]), max_new_tokens=12,
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vis, **vl_forward_kwargs(model, ids, ids.shape[1]), max_new_tokens=12,
                              do_sample=False, eos_token_id=None, pad_token_id=0)
     n = len(after.samples[0].token_ids)
     assert gen[0, ids.shape[1]:ids.shape[1] + n].tolist() == after.samples[0].token_ids.tolist()

@@ -3,7 +3,6 @@ a few steps change the weights and write metrics and checkpoints; resume reprodu
 uninterrupted run; dynamic sampling refills; one-step-off keeps staleness <= 1; a parquet in the
 reference implementation's format trains with only the data files given."""
 
-import io
 import json
 import os
 
