@@ -13,10 +13,13 @@ Ray actor against vLLM used directly.
    inside the worker). Target: push <= 1.5x floor. Learner layouts: 1 rank ZeRO-2 (no gather)
    and 2 ranks ZeRO-3 (the export gathers the partitioned parameters).
 2. Rollout throughput: generated tokens/s of `RolloutWorker.generate` called through its Ray actor
-   (timed in the driver: Ray, result conversion and all) against `vllm.LLM.generate` in a fresh
-   subprocess (vLLM pins the threads of the process that holds the engine) with the same engine
-   arguments, prompts, seed and sampling (token counts may differ a little: another thread count
-   sums floats in another order). Median of --repeats after a warm-up. Target: actor >= 0.9x direct.
+   (timed in the driver: Ray, result conversion and all) against `vllm.LLM.generate` in a
+   subprocess of its own (vLLM pins the threads of the process that holds the engine) with the
+   same engine arguments, prompts, seed and sampling (token counts may differ a little: another
+   thread count sums floats in another order). The engines take turns, one generate each per
+   round, so a drifting machine load hits all alike; median of --repeats rounds after a warm-up
+   round. The actor runs with num_cpus = all cores (Ray sets OMP_NUM_THREADS to it, so the engine
+   has the direct one's threads; target >= 0.9x) and, for reference, with num_cpus=1.
 
 Models are built locally with random weights (nothing is downloaded); every /dev/shm directory the
 run writes is removed at the end.
@@ -42,7 +45,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ENGINE = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_mib": 128, "seed": 0}
-"""RolloutWorker keywords; the direct run passes vLLM the same values (see direct_throughput)."""
+"""RolloutWorker keywords; the direct run passes vLLM the same values (see direct_engine)."""
 
 
 def make_random_qwen2(out_dir: str, *, hidden_size: int, num_layers: int, intermediate_size: int,
@@ -130,27 +133,26 @@ def engine_threads(_=None) -> int:
     return torch.get_num_threads()
 
 
-def actor_throughput(worker, prompts: list[str], sampling: dict, repeats: int) -> dict:
+def requests_for(prompts: list[str]):
+    from actors.rollout import RolloutRequest
+
+    return [RolloutRequest(prompt_id=str(i), prompt=p, seed=i) for i, p in enumerate(prompts)]
+
+
+def actor_generate(worker, requests, sampling: dict) -> dict:
+    """One timed `generate` through the actor: {'tokens', 'seconds'}."""
     import ray
 
-    from actors.rollout import RolloutRequest, SamplingSpec
+    from actors.rollout import SamplingSpec
 
-    requests = [RolloutRequest(prompt_id=str(i), prompt=p, seed=i) for i, p in enumerate(prompts)]
-    spec = SamplingSpec(**sampling)
-    ray.get(worker.generate.remote(requests[:2], spec))  # warm-up
-    times, tokens = [], 0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        results = ray.get(worker.generate.remote(requests, spec))
-        times.append(time.perf_counter() - t0)
-        tokens = sum(len(s.token_ids) for r in results for s in r.samples)
-    return {"tokens": tokens, "seconds": statistics.median(times), "tokens_per_s": tokens / statistics.median(times),
-            "threads": ray.get(worker.__ray_call__.remote(engine_threads))}
+    t0 = time.perf_counter()
+    results = ray.get(worker.generate.remote(requests, SamplingSpec(**sampling)))
+    return {"tokens": sum(len(s.token_ids) for r in results for s in r.samples), "seconds": time.perf_counter() - t0}
 
 
-def direct_throughput(spec_file: str) -> None:
-    """(Subprocess) vLLM's LLM in this process, RolloutWorker's engine arguments and request
-    building; prints one JSON line with the result."""
+def direct_engine(spec_file: str) -> None:
+    """(Subprocess) vLLM's LLM in this process with RolloutWorker's engine arguments and request
+    building; one timed generate per line on stdin, one `RESULT {json}` line on stdout each."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the engine in this process, as in the actor
     import torch
     from vllm import LLM, SamplingParams
@@ -161,7 +163,7 @@ def direct_throughput(spec_file: str) -> None:
         spec = json.load(f)
     e = spec["engine"]
     llm = LLM(model=spec["model_path"], dtype=e["dtype"], max_model_len=e["max_model_len"], seed=e["seed"],
-              tensor_parallel_size=1, enable_prefix_caching=True,
+              tensor_parallel_size=1, enable_prefix_caching=True, use_tqdm_on_load=False,
               kv_cache_memory_bytes=e["kv_cache_memory_mib"] * 1024**2, enforce_eager=True)
     tokenizer = llm.get_tokenizer()
     s = spec["sampling"]
@@ -169,30 +171,81 @@ def direct_throughput(spec_file: str) -> None:
     # as RolloutWorker.generate on CPU: no per-request seeds, the engine's generator seeded per call
     params = [SamplingParams(n=s["n"], temperature=s["temperature"], top_p=1.0, max_tokens=s["max_tokens"],
                              logprobs=0) for _ in prompts]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
-    times, tokens = [], 0
-    for _ in range(spec["repeats"]):
+    print("RESULT " + json.dumps({"threads": engine_threads()}), flush=True)
+    for _ in sys.stdin:
         t0 = time.perf_counter()
         torch.manual_seed(0)
         outputs = llm.generate(prompts, params, use_tqdm=False)
-        times.append(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
-    print("RESULT " + json.dumps({"tokens": tokens, "seconds": statistics.median(times),
-                                  "tokens_per_s": tokens / statistics.median(times),
-                                  "threads": engine_threads()}), flush=True)
+        print("RESULT " + json.dumps({"tokens": tokens, "seconds": seconds}), flush=True)
 
 
-def run_direct(model_path: str, prompts: list[str], sampling: dict, repeats: int, tmp: str) -> dict:
-    spec_file = os.path.join(tmp, "direct.json")
-    with open(spec_file, "w") as f:
-        json.dump({"model_path": model_path, "engine": ENGINE, "prompts": prompts, "sampling": sampling,
-                   "repeats": repeats}, f)
-    proc = subprocess.run([sys.executable, __file__, "--direct", spec_file], capture_output=True, text=True,
-                          check=False)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        raise RuntimeError(f"direct vLLM run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1].removeprefix("RESULT "))
+class DirectEngine:
+    """Drives `direct_engine` in a subprocess (vLLM pins the threads of the process that holds it)."""
+
+    def __init__(self, model_path: str, prompts: list[str], sampling: dict, tmp: str):
+        spec_file = os.path.join(tmp, "direct.json")
+        with open(spec_file, "w") as f:
+            json.dump({"model_path": model_path, "engine": ENGINE, "prompts": prompts, "sampling": sampling}, f)
+        self.log = os.path.join(tmp, "direct.log")
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, __file__, "--direct", spec_file], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=log, text=True)
+
+    def result(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                return json.loads(line.removeprefix("RESULT "))
+        with open(self.log) as f:
+            raise RuntimeError(f"direct vLLM engine exited ({self.proc.wait()}):\n{f.read()[-3000:]}")
+
+    def generate(self) -> dict:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self.result()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def rollout_throughput(model_path: str, prompts: list[str], sampling: dict, repeats: int, tmp: str,
+                       cpu_options: tuple[int, ...]) -> tuple[list[tuple[str, dict]], object]:
+    """vLLM direct and the actor with each num_cpus in `cpu_options`, one generate each in turn
+    (the load of the machine drifts alike for all), median of `repeats` after a warm-up round.
+    Returns the rows and the actor with the most CPUs (kept alive for the weight-sync runs)."""
+    import ray
+
+    from actors.group import named_actor
+    from actors.rollout import RolloutWorker
+
+    direct = DirectEngine(model_path, prompts, sampling, tmp)
+    name = os.path.basename(model_path)
+    workers = {c: named_actor(RolloutWorker, f"rollout-bench-{name}-{c}", num_cpus=c, model_path=model_path,
+                              **ENGINE) for c in cpu_options}
+    try:
+        threads = {"direct": direct.result()["threads"]}
+        threads |= {c: ray.get(w.__ray_call__.remote(engine_threads)) for c, w in workers.items()}
+        requests = requests_for(prompts)
+        runs = {k: [] for k in threads}
+        for i in range(repeats + 1):
+            for k, done in runs.items():
+                r = direct.generate() if k == "direct" else actor_generate(workers[k], requests, sampling)
+                if i:
+                    done.append(r)
+    finally:
+        direct.close()
+        for c, w in workers.items():
+            if c != max(cpu_options):
+                ray.kill(w)
+    rows = []
+    for k, rs in runs.items():
+        seconds = statistics.median(r["seconds"] for r in rs)
+        engine = "vLLM LLM, one process" if k == "direct" else f"Ray actor, num_cpus={k}"
+        rows.append((engine, {"threads": threads[k], "tokens": rs[-1]["tokens"], "seconds": seconds,
+                              "tokens_per_s": statistics.median(r["tokens"] / r["seconds"] for r in rs)}))
+    return rows, workers[max(cpu_options)]
 
 
 # ---- the run ------------------------------------------------------------------------------------
@@ -205,59 +258,44 @@ def main() -> None:
     parser.add_argument("--direct", metavar="SPEC_JSON", help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args()
     if args.direct:
-        direct_throughput(args.direct)
+        direct_engine(args.direct)
         return
 
     repeats = args.repeats or (3 if args.quick else 5)
     big = ({"hidden_size": 768, "num_layers": 8, "intermediate_size": 2048} if args.quick
            else {"hidden_size": 1024, "num_layers": 12, "intermediate_size": 2816})
     num_prompts = 8 if args.quick else 16
-    sampling = {"n": 4, "temperature": 1.0, "max_tokens": 32 if args.quick else 64}
+    sampling = {"n": 4, "temperature": 1.0, "max_tokens": 16 if args.quick else 32}
 
     import ray
 
-    from actors.group import named_actor
-    from actors.rollout import RolloutWorker
     from calibrl.tiny_models import make_tiny_qwen2
 
     tmp = tempfile.mkdtemp(prefix="calibrl-bench-")
     shm_root = tempfile.mkdtemp(prefix="calibrl-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     sync_rows, rollout_rows = [], []
     try:
-        models = {"tiny-qwen2": make_tiny_qwen2(os.path.join(tmp, "tiny-qwen2"))}
-        params = {"tiny-qwen2": None}
         name = f"random-qwen2-{big['num_layers']}x{big['hidden_size']}"
-        params[name] = make_random_qwen2(os.path.join(tmp, name), **big)
-        models[name] = os.path.join(tmp, name)
+        models = {"tiny-qwen2": make_tiny_qwen2(os.path.join(tmp, "tiny-qwen2")), name: os.path.join(tmp, name)}
+        num_params = make_random_qwen2(models[name], **big)
         prompts = rollout_prompts(num_prompts)
         print(f"{num_prompts} prompts x n={sampling['n']} x {sampling['max_tokens']} tokens; {repeats} repetitions; "
-              f"{name}: {params[name] / 1e6:.0f}M parameters", flush=True)
-
-        # vLLM directly, before Ray starts: nothing else runs on the cores
-        direct = {m: run_direct(path, prompts, sampling, repeats, tmp) for m, path in models.items()}
+              f"{name}: {num_params / 1e6:.0f}M parameters", flush=True)
 
         cores = os.cpu_count() or 1
-        ray.init(num_cpus=cores + 2, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=2 * cores + 2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
         for m, path in models.items():
-            rollout_rows.append((m, "vLLM LLM, one process", direct[m]))
             # Ray sets OMP_NUM_THREADS to an actor's num_cpus: the engine's threads follow its reservation
-            for num_cpus in (cores, 1):
-                worker = named_actor(RolloutWorker, f"rollout-bench-{m}-{num_cpus}", num_cpus=num_cpus,
-                                     model_path=path, **ENGINE)
-                try:
-                    rollout_rows.append((m, f"Ray actor, num_cpus={num_cpus}",
-                                         actor_throughput(worker, prompts, sampling, repeats)))
-                    if num_cpus != cores:
-                        continue
-                    for ranks, stage in ((1, 2), (2, 3)):
-                        r = sync_latency(path, worker, ranks=ranks, zero_stage=stage, repeats=repeats,
-                                         shm_root=shm_root)
-                        sync_rows.append((m, f"{ranks} rank{'s' if ranks > 1 else ''}, ZeRO-{stage}", r))
-                        print(f"  {m} {ranks}x ZeRO-{stage}: push {r['push']:.3f}s floor {r['floor']:.3f}s",
-                              flush=True)
-                finally:
-                    ray.kill(worker)
+            rows, worker = rollout_throughput(path, prompts, sampling, repeats, tmp, cpu_options=(cores, 1))
+            rollout_rows += [(m, engine, r) for engine, r in rows]
+            try:
+                for ranks, stage in ((1, 2), (2, 3)):
+                    r = sync_latency(path, worker, ranks=ranks, zero_stage=stage, repeats=repeats, shm_root=shm_root)
+                    sync_rows.append((m, f"{ranks} rank{'s' if ranks > 1 else ''}, ZeRO-{stage}", r))
+                    print(f"  {m} {ranks}x ZeRO-{stage}: push {r['push']:.3f}s floor {r['floor']:.3f}s", flush=True)
+            finally:
+                ray.kill(worker)
     finally:
         shutil.rmtree(shm_root, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -277,11 +315,12 @@ def main() -> None:
     print("Rollout throughput, generated tokens/s (median); ratio against vLLM direct")
     print(f"| {'model':26s} | {'engine':26s} | threads | {'tokens':>6s} | {'tokens/s':>8s} | {'ratio':>6s} | target  |")
     print(f"|{'-' * 28}|{'-' * 28}|---------|{'-' * 8}|{'-' * 10}|{'-' * 8}|---------|")
+    direct = {m: r["tokens_per_s"] for m, engine, r in rollout_rows if engine.startswith("vLLM")}
     for m, engine, r in rollout_rows:
-        ratio, target = ("", "") if engine.startswith("vLLM") else (
-            f"{r['tokens_per_s'] / direct[m]['tokens_per_s']:5.2f}x", ">= 0.9x")
+        ratio, target = ("", "") if engine.startswith("vLLM") else (f"{r['tokens_per_s'] / direct[m]:5.2f}x", ">= 0.9x")
         print(f"| {m:26s} | {engine:26s} | {r['threads']:7d} | {r['tokens']:6d} | {r['tokens_per_s']:8.0f} | "
               f"{ratio:>6s} | {target:7s} |")
+
 
 if __name__ == "__main__":
     main()

@@ -63,7 +63,7 @@ def transformers_reference(model_path: str, weights_file: str, result, images: l
     from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoModelForImageTextToText
 
     from calibrl.inputs import image_tensors
-    from calibrl.modeling import is_vl_model, mm_token_type_ids, response_logprobs
+    from calibrl.modeling import response_logprobs, vl_forward_kwargs
 
     vl = bool(images)
     model = (AutoModelForImageTextToText if vl else AutoModelForCausalLM).from_pretrained(
@@ -73,10 +73,8 @@ def transformers_reference(model_path: str, weights_file: str, result, images: l
     prompt = torch.tensor([result.prompt_token_ids])
     tokens = torch.tensor(result.samples[0].token_ids).unsqueeze(0)
     with torch.no_grad():
-        types = {}
-        if is_vl_model(model):
-            types = {"mm_token_type_ids": mm_token_type_ids(model.config, prompt)}
-        greedy = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **vis, **types,
+        greedy = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **vis,
+                                **vl_forward_kwargs(model, prompt, prompt.shape[1]),
                                 max_new_tokens=tokens.shape[1], do_sample=False, eos_token_id=None, pad_token_id=0)
         logp, _ = response_logprobs(model, prompt, torch.ones_like(prompt), tokens, torch.ones_like(tokens), **vis)
     return greedy[0, prompt.shape[1]:], logp[0]
