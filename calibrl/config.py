@@ -180,7 +180,7 @@ class TrainerConfig:
     sft_warmup_steps: int = 0
     """SFT steps on expert trajectories before RL (SFT->GRPO baseline, demo warm start)."""
     sft_batch_prompts: int = 16
-    """Prompts per SFT warm-up step."""
+    """Prompts per SFT step (the warm-up, and every step of the `sft` baseline)."""
     output_dir: str = "runs/calibrl"
     """Run directory: metrics, TensorBoard, checkpoints, report."""
     resume: str = "auto"

@@ -168,8 +168,11 @@ class Trainer:
                                "nothing left to train. Raise trainer.total_steps to continue this run.")
         while self.step < c.total_steps:
             self.step += 1
-            # synchronous mode samples here; one-step-off mode already started it during the last step
-            self.pending = self.train_step(self.pending or self.start_rollout(self.step))
+            if self.cfg.algorithm.name == "sft":  # the SFT baseline: expert trajectories only, no rollouts
+                self.logger.log(self.step, self.sft_update())
+            else:
+                # synchronous mode samples here; one-step-off mode already started it during the last step
+                self.pending = self.train_step(self.pending or self.start_rollout(self.step))
             if c.eval_every_steps and self.step % c.eval_every_steps == 0 and self.step < c.total_steps:
                 self.log_eval(self.evaluate_now(), phase="periodic")
             if c.save_every_steps and self.step % c.save_every_steps == 0 and self.step < c.total_steps:

@@ -169,3 +169,13 @@ def test_reference_format_trains_with_only_data_files_on_the_command_line(ray_lo
     steps = train_records(str(tmp_path / "run"))
     assert sorted(steps) == [1, 2]
     assert all(r["calib/expert_rows"] == 2 for r in steps.values())  # the `solution` column became the experts
+
+
+def test_sft_baseline_trains_on_experts_without_rollouts(ray_local, tiny_models, data_dir, tmp_path):
+    out = str(tmp_path / "sft")
+    run(load_config(None, overrides(tiny_models, data_dir, out, "trainer.total_steps=3", "algorithm.name=sft",
+                                    "trainer.sft_batch_prompts=4", "learner.lr=3e-3")))
+    steps = train_records(out)
+    assert sorted(steps) == [1, 2, 3]
+    assert steps[3]["train/sft_loss"] < steps[1]["train/sft_loss"]  # cross-entropy on the experts falls
+    assert not os.path.exists(os.path.join(out, "rollouts.jsonl"))  # nothing was sampled for training
