@@ -217,9 +217,11 @@ class Learner:
             yield {n: p.detach().cpu() for n, p in named}
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full HF-named weights on CPU; under ZeRO-3 every rank must call this (it gathers)."""
+        """Full HF-named weights on CPU, as independent tensors; under ZeRO-3 every rank must call this
+        (it gathers). Cloned under ZeRO-2 too: there the parameters are views into DeepSpeed's flat
+        buffer, and shipping a view through Ray would copy the whole buffer once per parameter."""
         with self.gathered_state_dict() as state:
-            return {n: t.clone() for n, t in state.items()} if self.zero_stage == 3 else state
+            return {n: t.clone() for n, t in state.items()}
 
     def export_weights(self, version: int, out_dir: str) -> str | None:
         """Write the full state dict as safetensors under out_dir/v{version} (rank 0); returns the path."""

@@ -2,6 +2,7 @@
 agreement with transformers on the same weights (text and vision-language tiny models)."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -98,3 +99,4 @@ def test_update_in_place_then_match_transformers(ray_local, tiny_models, tmp_pat
     n = len(after.samples[0].token_ids)
     assert gen[0, ids.shape[1]:ids.shape[1] + n].tolist() == after.samples[0].token_ids.tolist()
     ray.kill(worker)
+    shutil.rmtree(shm, ignore_errors=True)
