@@ -18,11 +18,10 @@ import ray
 
 
 class ShmWeightSync:
-    def __init__(self, learners, rollout_workers: list, *, root: str | None = None, keep_versions: int = 1):
+    def __init__(self, learners, rollout_workers: list, *, root: str | None = None):
         self.learners, self.rollout_workers = learners, rollout_workers
         base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
         self.root = root or os.path.join(base, f"calibrl-weights-{uuid.uuid4().hex[:8]}")
-        self.keep_versions = keep_versions
 
     def push(self, version: int) -> dict[str, float]:
         t0 = time.time()
@@ -34,8 +33,10 @@ class ShmWeightSync:
         return {"time/sync_export_s": t1 - t0, "time/sync_load_s": t2 - t1, "time/sync_s": t2 - t0}
 
     def _prune(self, version: int) -> None:
-        for v in range(max(0, version - self.keep_versions - 4), version - self.keep_versions + 1):
-            shutil.rmtree(os.path.join(self.root, f"v{v}"), ignore_errors=True)
+        """Drop every older version: the engines now read only the current one."""
+        for name in os.listdir(self.root):
+            if name != f"v{version}":
+                shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)

@@ -40,7 +40,7 @@ from launch import checkpoint as ckpt
 from launch.evaluate import evaluate
 from launch.metrics import MetricsLogger
 
-# algorithm.name -> the loss the learner applies in RL steps (sft_grpo's SFT phase uses "sft")
+# methods whose expert row joins the group baseline / methods that train without expert rows
 EXPERT_IN_BASELINE = {"luffy", "rlplus"}
 NO_EXPERT_ROWS = {"grpo", "drgrpo", "dapo", "sft_grpo"}
 
@@ -74,7 +74,6 @@ class PendingRollout:
     refs: dict  # ObjectRef -> list[Example]
     rounds: int
     prompts_drawn: int
-    started: float
     sampler_state: dict
     """The prompt sampler's state before this rollout drew: a checkpoint taken while it is in
     flight resumes by drawing these prompts again."""
@@ -204,8 +203,7 @@ class Trainer:
         entropy = gather_rank_rows(results, "entropy", shape)
         t_logp = time.time()
 
-        loss_name = a.name if a.name != "sft_grpo" else "grpo"
-        train = ray.get(self.learners.run("train_step", ray.put(batch), loss_name=loss_name,
+        train = ray.get(self.learners.run("train_step", ray.put(batch), loss_name=a.name,
                                           loss_kwargs=self.loss_kwargs(),
                                           mini_batches=c.trainer.prompts_per_step // c.learner.mini_batch_prompts,
                                           epochs=c.learner.ppo_epochs))
@@ -238,7 +236,7 @@ class Trainer:
             dynamic_sampling=a.dynamic_sampling, max_response_length=self.cfg.rollout.max_response_length,
             overlong_buffer_tokens=a.overlong_buffer_tokens, overlong_penalty=a.overlong_penalty,
             seed=step_seed(self.cfg.trainer.seed, step))
-        pending = PendingRollout(step=step, stage=stage, refs={}, rounds=0, prompts_drawn=0, started=time.time(),
+        pending = PendingRollout(step=step, stage=stage, refs={}, rounds=0, prompts_drawn=0,
                                  sampler_state=self.sampler.state_dict())
         self.submit_round(pending)
         return pending
