@@ -1,7 +1,7 @@
 """Expert-trajectory store (actor name `expert-store`): expert chains of thought keyed by prompt id,
-tokenised as the assistant response, for the groups of sections 4 and 6 of ALGORITHM.md.
+tokenised as the assistant response, for the groups of sections 4 and 6 of docs/algorithm.md.
 
-`ExpertStore` is a plain class; `create_expert_store(cfg)` makes the run's actor `expert-store`
+`ExpertStore` is a plain class; `ExpertStore.from_config(cfg)` makes the run's actor `expert-store`
 (train files, the policy's tokenizer, additions under `trainer.output_dir/experts`).
 
 Where experts come from:
@@ -25,7 +25,6 @@ Memory: the index (ids and integers) plus an LRU of at most `max_cached` prompts
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter, OrderedDict, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,12 +37,14 @@ from transformers import AutoTokenizer
 from actors.group import named_actor
 from calibrl.algo import ExpertTrajectory
 from calibrl.config import Config
+from calibrl.data.parquet_io import write_parquet_atomic
 from calibrl.data.reader import BadRow, DataError, detect_layout, example_id, parse_experts
 
 ADDITIONS_FILE = "additions.parquet"
 ADDITIONS_SCHEMA = pa.schema([
     pa.field("prompt_id", pa.string(), nullable=False),
-    pa.field("text", pa.string(), nullable=False),  # expert trajectory, `<think>..</think><answer>..</answer>`
+    # expert trajectory, `<think>..</think><answer>..</answer>`
+    pa.field("text", pa.string(), nullable=False),
     pa.field("source", pa.string(), nullable=False),  # who wrote it (e.g. a model name or "rollout")
 ])
 DATASET_SOURCE = "dataset"
@@ -118,7 +119,8 @@ class ExpertStore:
             row = 0
             for rg in range(parquet.num_row_groups):
                 n = parquet.metadata.row_group(rg).num_rows
-                ids = parquet.read_row_group(rg, columns=[id_column]).column(0).to_pylist() if id_column else [None] * n
+                ids = (parquet.read_row_group(rg, columns=[id_column]).column(0).to_pylist() if id_column
+                       else [None] * n)
                 for offset, value in enumerate(ids):
                     prompt_id = example_id(layout, {id_column: value} if id_column else {}, stem, row)
                     index.setdefault(prompt_id, _Location(f, rg, offset, row))
@@ -192,7 +194,8 @@ class ExpertStore:
 
     def get(self, prompt_ids: Sequence[str], k: int) -> dict[str, list[ExpertTrajectory]]:
         """Up to `k` experts per prompt (fewer when a prompt has fewer; [] when it has none), as
-        `calibrl.algo.ExpertTrajectory(token_ids, text, source)`; source is `dataset` or the one given to `add`.
+        `calibrl.algo.ExpertTrajectory(token_ids, text, source)`; source is `dataset` or the one given
+        to `add`.
 
         `first`: the prompt's first k experts; `random`: k drawn without replacement from the
         store's seeded generator (the draws depend on the order of calls since construction).
@@ -226,26 +229,29 @@ class ExpertStore:
                 error, field, message = problem
                 raise error(f"ExpertStore.add: item {i}, field '{field}': {message}")
         rows = self._additions_rows + [{"prompt_id": p, "text": t, "source": s} for p, t, s in items]
-        _write_atomic(self.additions_path, pa.Table.from_pylist(rows, schema=ADDITIONS_SCHEMA))
+        write_parquet_atomic(self.additions_path, pa.Table.from_pylist(rows, schema=ADDITIONS_SCHEMA))
         self._additions_rows = rows
         for prompt_id, text, source in items:
             self.additions[prompt_id].append((text, source))
             self._cache.pop(prompt_id, None)  # re-read with the addition on the next get
         self.counts["added"] += len(items)
 
+    @classmethod
+    def from_config(cls, cfg: Config, *, name: str = "expert-store", num_cpus: float = 0.5,
+                    max_cached: int = 4096):
+        """The run's expert-store actor: experts of `data.train_files`, tokenised with `model.path`'s
+        tokenizer, chosen by `algorithm.expert_choice` (seeded by `trainer.seed`), additions in
+        `trainer.output_dir/experts`."""
+        return named_actor(cls, name, num_cpus=num_cpus, files=list(cfg.data.train_files),
+                           tokenizer_path=cfg.model.path,
+                           additions_dir=os.path.join(cfg.trainer.output_dir, "experts"),
+                           expert_key=cfg.data.expert_key, choice=cfg.algorithm.expert_choice,
+                           seed=cfg.trainer.seed, max_cached=max_cached)
+
     def state(self) -> dict:
         """Counts for metrics: indexed prompts, cache hits/misses/size, row groups read, additions, ..."""
-        return dict(self.counts) | {"cached_prompts": len(self._cache), "additions": len(self._additions_rows)}
-
-
-def create_expert_store(cfg: Config, *, name: str = "expert-store", num_cpus: float = 0.5,
-                        max_cached: int = 4096):
-    """The run's ExpertStore actor: experts of `data.train_files`, tokenised with `model.path`'s tokenizer,
-    chosen by `algorithm.expert_choice` (seeded by `trainer.seed`), additions in `trainer.output_dir/experts`."""
-    return named_actor(ExpertStore, name, num_cpus=num_cpus, files=list(cfg.data.train_files),
-                       tokenizer_path=cfg.model.path, additions_dir=os.path.join(cfg.trainer.output_dir, "experts"),
-                       expert_key=cfg.data.expert_key, choice=cfg.algorithm.expert_choice, seed=cfg.trainer.seed,
-                       max_cached=max_cached)
+        return dict(self.counts) | {"cached_prompts": len(self._cache),
+                                    "additions": len(self._additions_rows)}
 
 
 def _addition_problem(prompt_id, text, source) -> tuple[type, str, str] | None:
@@ -258,21 +264,3 @@ def _addition_problem(prompt_id, text, source) -> tuple[type, str, str] | None:
     if source == DATASET_SOURCE:
         return ValueError, "source", f"{DATASET_SOURCE!r} is reserved for the dataset's experts"
     return None
-
-
-def _write_atomic(path: str, table: pa.Table) -> None:
-    """Write `table` to `path` via a temp file in the same directory, fsync, then os.replace."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

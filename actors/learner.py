@@ -1,7 +1,8 @@
 """Learner: one DeepSpeed ZeRO data-parallel rank per actor (`learner-0`, `learner-1`, ...).
 
-Created by `ActorGroup(Learner, n, name_prefix="learner", ...)`, which hands every rank rank 0's
-address and a free port; the ranks form one torch.distributed group (gloo on CPU, NCCL on GPU).
+Created by `Learner.from_config(cfg)`: an `ActorGroup(Learner, n, name_prefix="learner", ...)`,
+which hands every rank rank 0's address and a free port; the ranks form one torch.distributed
+group (gloo on CPU, NCCL on GPU).
 
 Every rank receives the whole step batch (one object in Ray's store) and takes its own rows, so
 global normalisers (token and sequence counts of a mini-batch) are known locally, without a
@@ -24,8 +25,10 @@ from functools import lru_cache
 
 import torch
 
+from actors.group import ActorGroup
 from actors.weight_sync import link_model_files
-from calibrl.algo import TrainBatch, compute_loss, loss_normalizers
+from calibrl.algo import TrainBatch, compute_loss, has_signal, loss_normalizers
+from calibrl.config import Config
 from calibrl.inputs import image_tensors
 from calibrl.modeling import response_logprobs
 
@@ -38,10 +41,19 @@ def mini_batches_by_group(batch: TrainBatch, n: int) -> list[TrainBatch]:
             for lo, hi in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
 
 
+LOSS_METRICS = {"pg_loss": "loss/pg", "calib_loss": "loss/calib", "loss": "loss/total"}
+
+
+def metric_name(key: str) -> str:
+    """The logged name of a `compute_loss` metric: the loss terms under `loss/`, the rest under `train/`."""
+    return LOSS_METRICS.get(key, f"train/{key}")
+
+
 def to_device(batch: TrainBatch, device: torch.device) -> TrainBatch:
     if device.type == "cpu":
         return batch
-    return TrainBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.to_dict().items()})
+    return TrainBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v
+                         for k, v in batch.to_dict().items()})
 
 
 def ds_config(*, zero_stage: int, grad_clip: float, bf16: bool, micro_batch_per_device: int) -> dict:
@@ -77,8 +89,8 @@ class Learner:
     def __init__(self, *, rank: int, world_size: int, master_addr: str, master_port: int, model_path: str,
                  zero_stage: int = 2, lr: float = 1e-6, weight_decay: float = 0.0, grad_clip: float = 1.0,
                  lr_warmup_steps: int = 0, lr_schedule: str = "constant", total_updates: int = 1000,
-                 micro_batch_per_device: int = 4, gradient_checkpointing: bool = False, optimizer: str = "adamw",
-                 seed: int = 0):
+                 micro_batch_per_device: int = 4, gradient_checkpointing: bool = False,
+                 optimizer: str = "adamw", seed: int = 0):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         cuda = torch.cuda.is_available()
@@ -106,16 +118,35 @@ class Learner:
         self.image_processor = AutoImageProcessor.from_pretrained(model_path) if vl else None
         self.model_path = model_path
 
-        optimizer = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay) if optimizer == "adamw"
+        optimizer = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+                     if optimizer == "adamw"
                      else torch.optim.SGD(model.parameters(), lr=lr, weight_decay=weight_decay))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lr_lambda(warmup_steps=lr_warmup_steps, total_steps=total_updates, schedule=lr_schedule))
+            optimizer,
+            lr_lambda(warmup_steps=lr_warmup_steps, total_steps=total_updates, schedule=lr_schedule))
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=ds_config(zero_stage=zero_stage, grad_clip=grad_clip, bf16=cuda,
                              micro_batch_per_device=micro_batch_per_device))
         self.zero_stage = zero_stage
         self.updates = 0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> ActorGroup:
+        """The run's `learner.num_learners` ranks, actors `learner-0..` in one placement group (a GPU
+        each where CUDA is present). The LR schedule counts optimizer updates: steps x mini-batches
+        x epochs."""
+        ln = cfg.learner
+        updates_per_step = (cfg.trainer.prompts_per_step // ln.mini_batch_prompts) * ln.ppo_epochs
+        return ActorGroup(
+            cls, ln.num_learners, name_prefix="learner", num_cpus_per_actor=ln.num_cpus_per_learner,
+            num_gpus_per_actor=1 if torch.cuda.is_available() else 0, model_path=cfg.model.path,
+            zero_stage=ln.zero_stage, lr=ln.lr, weight_decay=ln.weight_decay, grad_clip=ln.grad_clip,
+            lr_warmup_steps=ln.lr_warmup_steps * updates_per_step, lr_schedule=ln.lr_schedule,
+            total_updates=cfg.trainer.total_steps * updates_per_step,
+            micro_batch_per_device=ln.micro_batch_per_device,
+            gradient_checkpointing=cfg.model.gradient_checkpointing, optimizer=ln.optimizer,
+            seed=cfg.trainer.seed)
 
     # ---- batch plumbing ---------------------------------------------------------------------
 
@@ -135,11 +166,11 @@ class Learner:
             if images:
                 vis = {k: v.to(self.device) for k, v in self._image_tensors(tuple(images)).items()}
         d = self.device
-        return response_logprobs(self.engine, mb.prompt_ids.to(d), mb.prompt_mask.to(d), mb.response_ids.to(d),
-                                 mb.response_mask.to(d), with_entropy=with_entropy,
+        return response_logprobs(self.engine, mb.prompt_ids.to(d), mb.prompt_mask.to(d),
+                                 mb.response_ids.to(d), mb.response_mask.to(d), with_entropy=with_entropy,
                                  config=self.engine.module.config, **vis)
 
-    @lru_cache(maxsize=64)
+    @lru_cache(maxsize=64)  # noqa: B019 - one learner per actor process, alive for the whole run
     def _image_tensors(self, images: tuple[bytes, ...]) -> dict[str, torch.Tensor]:
         return image_tensors(self.image_processor, images)
 
@@ -164,37 +195,91 @@ class Learner:
     def train_step(self, batch: TrainBatch, *, loss_name: str, loss_kwargs: dict, mini_batches: int = 1,
                    epochs: int = 1) -> dict[str, float]:
         """One optimizer update per mini-batch (consecutive groups), `epochs` passes over the batch.
+        A mini-batch whose loss has no gradient (`has_signal`: every advantage 0) is skipped, so
+        Adam's momentum does not move the weights with nothing to learn from.
 
-        `loss_kwargs` are `calibrl.algo.compute_loss`'s keywords (clip_low, alpha, lam, agg, ...)."""
+        `loss_kwargs` are `calibrl.algo.compute_loss`'s keywords (clip_low, alpha, lam, agg, ...).
+        Returns this rank's share of the loss metrics, plus the mean gradient norm (before clipping)
+        and update norm (||delta theta||, all ranks) over the updates taken, and the skipped count."""
         self.engine.train()
         t0 = time.time()
         sums: dict[str, float] = {}
-        micro_count = 0
+        micro_count, skipped = 0, 0
+        grad_norms, update_norms = [], []
+        coefs = {k: loss_kwargs.get(k, 0.0) for k in ("entropy_coef", "kl_coef")}
         for _ in range(epochs):
             for mini in mini_batches_by_group(batch, mini_batches):
-                norms = loss_normalizers(loss_name, mini)  # global counts: every rank sees the whole mini-batch
+                # every rank sees the whole mini-batch: all agree
+                if not has_signal(loss_name, mini, **coefs):
+                    skipped += 1
+                    continue
+                # global counts: every rank sees the whole mini-batch
+                norms = loss_normalizers(loss_name, mini)
                 for rows in self._my_rows(torch.arange(len(mini))):
                     empty = len(rows) == 0
                     rows = rows if not empty else torch.tensor([0])
-                    want_entropy = loss_kwargs.get("entropy_coef", 0.0) > 0
-                    logp, entropy = self._forward(mini, rows, with_entropy=want_entropy)
+                    logp, entropy = self._forward(mini, rows, with_entropy=coefs["entropy_coef"] > 0)
                     loss, metrics = compute_loss(loss_name, logp, to_device(mini.select(rows), self.device),
                                                  entropy=entropy, **norms, **loss_kwargs)
                     # DeepSpeed averages gradients over ranks; this loss is already a share of the global one
-                    self.engine.backward(loss * (0.0 if empty else float(self.world_size)), scale_wrt_gas=False)
+                    self.engine.backward(loss * (0.0 if empty else float(self.world_size)),
+                                         scale_wrt_gas=False)
                     if not empty:
                         micro_count += 1
                         for k, v in metrics.items():
                             sums[k] = sums.get(k, 0.0) + float(v)
                 self.engine.step()
                 self.updates += 1
+                grad_norms.append(float(self.engine.get_global_grad_norm() or 0.0))
+                update_norms.append(self._update_norm())
+        taken = len(grad_norms)
         # losses are shares of a mini-batch's loss: their sum over micro-batches is this rank's share
-        out = {f"train/{k}": v / max(1, epochs * mini_batches) for k, v in sums.items()}
-        out["train/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        out = {metric_name(k): v / max(1, taken) for k, v in sums.items()}
+        out["train/grad_norm"] = sum(grad_norms) / max(1, taken)
+        out["train/update_norm"] = sum(update_norms) / max(1, taken)
+        out["train/skipped_updates"] = float(skipped)
         out["train/lr"] = float(self.scheduler.get_last_lr()[0])
         out["train/micro_batches"] = micro_count
         out["time/train_rank_s"] = time.time() - t0
         return out
+
+    def _base_optimizer(self) -> torch.optim.Optimizer:
+        """The torch optimizer under DeepSpeed's ZeRO wrapper (its state holds this rank's partition)."""
+        return self.optimizer.optimizer if self.zero_stage > 0 else self.optimizer
+
+    def _update_norm(self) -> float:
+        """||delta theta|| of the AdamW step just taken, over all ranks' partitions, from the optimizer
+        state: lr * m_hat / (sqrt(v_hat) + eps) + lr * wd * theta (0.0 under SGD)."""
+        import torch.distributed as dist
+
+        base = self._base_optimizer()
+        total = torch.zeros((), dtype=torch.float64)
+        if isinstance(base, torch.optim.AdamW):
+            for group in base.param_groups:
+                (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+                for p in group["params"]:
+                    st = base.state.get(p)
+                    if not st:
+                        continue
+                    t = float(st["step"])
+                    step = st["exp_avg"] / (1 - b1**t) / ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
+                    if wd:
+                        step = step + wd * p.detach()
+                    total += float((lr * step).double().pow(2).sum())
+        if self.world_size > 1:
+            total = total.to(self.device)
+            dist.all_reduce(total)
+        return float(total.sqrt())
+
+    def reset_optimizer(self) -> None:
+        """Zero the optimizer's moments and step count (e.g. between SFT warm-up and RL): the RL phase
+        then starts as a fresh run would, not with Adam's second moments scaled to SFT's gradients."""
+        for st in self._base_optimizer().state.values():
+            for key, value in st.items():
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+                elif key == "step":
+                    st[key] = 0
 
     def set_lr(self, lr: float) -> None:
         """Change the peak learning rate (the schedule's multiplier still applies), e.g. after SFT warm-up."""
@@ -266,8 +351,8 @@ class Learner:
 
         addr_port = [node_address(), free_port()] if self.rank == 0 else [None, None]
         dist.broadcast_object_list(addr_port, src=0)
-        info = NCCLTrainerInitInfo(master_address=addr_port[0], master_port=addr_port[1], world_size=world_size,
-                                   rank=self.rank)
+        info = NCCLTrainerInitInfo(master_address=addr_port[0], master_port=addr_port[1],
+                                   world_size=world_size, rank=self.rank)
         self.nccl_sync = NCCLTrainerWeightTransferEngine.trainer_init(
             info, client=RayVLLMWeightSyncClient(rollout_workers), source=GatheredSource())
 
@@ -302,7 +387,8 @@ class Learner:
         return self.rank
 
 
-def gather_rank_rows(results: list[dict[str, torch.Tensor]], key: str, shape: tuple[int, int]) -> torch.Tensor:
+def gather_rank_rows(results: list[dict[str, torch.Tensor]], key: str,
+                     shape: tuple[int, int]) -> torch.Tensor:
     """Put each rank's `compute_logprobs` rows back in batch order."""
     out = torch.zeros(shape)
     for r in results:

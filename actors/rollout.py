@@ -1,7 +1,8 @@
 """Rollout worker: one vLLM engine per actor (`rollout-0`, `rollout-1`, ...).
 
-The class is plain Python; the driver makes it a Ray actor with
-`ray.remote(RolloutWorker).options(name="rollout-0", ...)`. The engine runs inside the actor
+The class is plain Python; `RolloutWorker.from_config(cfg)` starts the run's engines as named Ray
+actors (every role has the same constructor: `VerifierPool.from_config`, `ExpertStore.from_config`,
+`Learner.from_config`). The engine runs inside the actor
 process (VLLM_ENABLE_V1_MULTIPROCESSING=0) unless tensor parallelism needs vLLM's own workers.
 
 Weights arrive in place, without restarting the engine, through one of two transports:
@@ -23,7 +24,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from actors.group import named_actor
 from calibrl.algo import Response
+from calibrl.config import Config
 from calibrl.inputs import decode_images, render_chat
 
 
@@ -72,9 +75,9 @@ class RolloutWorker:
         from vllm import LLM
 
         t0 = time.time()
-        kwargs: dict = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed,
-                            tensor_parallel_size=tensor_parallel_size, enable_prefix_caching=True,
-                            use_tqdm_on_load=False)
+        kwargs: dict = {"model": model_path, "dtype": dtype, "max_model_len": max_model_len, "seed": seed,
+                            "tensor_parallel_size": tensor_parallel_size, "enable_prefix_caching": True,
+                            "use_tqdm_on_load": False}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
@@ -82,7 +85,8 @@ class RolloutWorker:
             kwargs.update(kv_cache_memory_bytes=kv_cache_memory_mib * 1024**2, enforce_eager=True)
         if is_vision_language(model_path):
             kwargs.update(limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
-                          mm_processor_kwargs={"min_pixels": image_min_pixels, "max_pixels": image_max_pixels})
+                          mm_processor_kwargs={"min_pixels": image_min_pixels,
+                                               "max_pixels": image_max_pixels})
         if weight_sync == "nccl":
             kwargs["weight_transfer_config"] = {"backend": "nccl"}
         self.llm = LLM(**kwargs)
@@ -92,10 +96,28 @@ class RolloutWorker:
         self.logit_bias = {}
         if is_vision_language(model_path):
             hf = self.llm.llm_engine.model_config.hf_config
-            self.logit_bias = {t: -100.0 for t in (hf.image_token_id, hf.video_token_id, hf.vision_start_token_id,
-                                                   hf.vision_end_token_id)}
+            self.logit_bias = {t: -100.0 for t in (hf.image_token_id, hf.video_token_id,
+                                                   hf.vision_start_token_id, hf.vision_end_token_id)}
         self.weights_version = 0
         self.startup_s = time.time() - t0
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, name_prefix: str = "rollout", model_path: str | None = None) -> list:
+        """The run's `rollout.num_workers` engines, actors `{name_prefix}-0..`, from `cfg` (a GPU
+        per tensor-parallel rank where CUDA is present). `model_path` overrides `cfg.model.path`."""
+        import torch
+
+        r, m = cfg.rollout, cfg.model
+        gpus = r.tensor_parallel_size if torch.cuda.is_available() else 0
+        return [named_actor(cls, f"{name_prefix}-{i}", num_cpus=r.num_cpus_per_worker, num_gpus=gpus,
+                            model_path=model_path or m.path, dtype=m.dtype, max_model_len=m.max_model_len,
+                            kv_cache_memory_mib=r.kv_cache_memory_mib,
+                            tensor_parallel_size=r.tensor_parallel_size,
+                            gpu_memory_utilization=r.gpu_memory_utilization,
+                            max_images_per_prompt=cfg.data.max_images_per_prompt,
+                            image_min_pixels=m.image_min_pixels, image_max_pixels=m.image_max_pixels,
+                            weight_sync=r.weight_sync, seed=cfg.trainer.seed + i)
+                for i in range(r.num_workers)]
 
     # ---- sampling -------------------------------------------------------------------------
 
@@ -128,9 +150,11 @@ class RolloutWorker:
                 # numpy arrays travel through Ray's object store without a copy and feed the
                 # calibration stage without a per-element conversion
                 samples=[Response(token_ids=np.asarray(c.token_ids, dtype=np.int64),
-                                       logprobs=np.asarray([lp[t].logprob for t, lp in zip(c.token_ids, c.logprobs)],
+                                       logprobs=np.asarray([lp[t].logprob
+                                                            for t, lp in zip(c.token_ids, c.logprobs)],
                                                            dtype=np.float32),
-                                       text=c.text, finish_reason=str(c.finish_reason), weights_version=version)
+                                       text=c.text, finish_reason=str(c.finish_reason),
+                                       weights_version=version)
                          for c in out.outputs])
             for r, out in zip(requests, outputs)
         ]
@@ -169,4 +193,5 @@ class RolloutWorker:
     # ---- introspection ----------------------------------------------------------------------
 
     def info(self) -> dict:
-        return {"weights_version": self.weights_version, "startup_s": round(self.startup_s, 2), "pid": os.getpid()}
+        return {"weights_version": self.weights_version, "startup_s": round(self.startup_s, 2),
+                "pid": os.getpid()}

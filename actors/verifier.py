@@ -1,4 +1,4 @@
-"""Verifier: scores responses with section 1 of ALGORITHM.md (`calibrl.algo.reward.verify`), or with a
+"""Verifier: scores responses with section 1 of docs/algorithm.md (`calibrl.algo.reward.verify`), or with a
 user's reward function named by import path (`verifier.reward_function: "module:function"`, the
 reference code's `custom_reward_function` idea), each response under a time limit.
 
@@ -33,6 +33,7 @@ import ray
 
 from actors.group import named_actor
 from calibrl.algo.reward import Verdict, format_matches, verify
+from calibrl.config import Config
 
 FAILED = Verdict(reward=0.0, accuracy=0.0, format_ok=False, passed=False)
 TIMEOUT, CHILD_DIED = "timeout", "error:ChildDied"  # failure reasons besides `error:<ExceptionType>`
@@ -49,7 +50,8 @@ def load_reward_function(path: str) -> Callable:
     try:
         fn = getattr(module, fn_name)
     except AttributeError:
-        raise ValueError(f"verifier.reward_function={path!r}: module {module_name} has no {fn_name!r}") from None
+        raise ValueError(f"verifier.reward_function={path!r}: module {module_name} "
+                         f"has no {fn_name!r}") from None
     if not callable(fn):
         raise TypeError(f"verifier.reward_function={path!r}: {fn_name} is not callable")
     return fn
@@ -66,12 +68,14 @@ def to_verdict(result, response: str, *, pass_threshold: float) -> Verdict:
     if not math.isfinite(reward):
         raise ValueError(f"reward function returned {reward}")
     passed = reward > pass_threshold
-    return Verdict(reward=reward, accuracy=float(passed), format_ok=format_matches(response.strip()), passed=passed)
+    return Verdict(reward=reward, accuracy=float(passed), format_ok=format_matches(response.strip()),
+                   passed=passed)
 
 
 def _serve(conn, reward_function: str | None, pass_threshold: float) -> None:
     """Child process: score each batch received on `conn`, one result message per item, in order."""
-    if sys.platform == "linux":  # die with the forkserver (which exits with the worker): no orphan left hanging
+    # die with the forkserver (which exits with the worker): no orphan left hanging
+    if sys.platform == "linux":
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     try:
         fn = load_reward_function(reward_function) if reward_function else None
@@ -126,7 +130,8 @@ class VerifierWorker:
 
     def _start_child(self) -> None:
         parent_conn, child_conn = self._ctx.Pipe()
-        self._child = self._ctx.Process(target=_serve, args=(child_conn, self.reward_function, self.pass_threshold),
+        self._child = self._ctx.Process(target=_serve,
+                                        args=(child_conn, self.reward_function, self.pass_threshold),
                                         name="verifier-scorer", daemon=True)
         self._child.start()
         child_conn.close()
@@ -177,7 +182,8 @@ class VerifierWorker:
                     continue
                 reasons[result] += 1
                 verdicts.append(FAILED)
-                if result in (TIMEOUT, CHILD_DIED):  # stuck or gone: the rest of the batch goes to a fresh child
+                # stuck or gone: the rest of the batch goes to a fresh child
+                if result in (TIMEOUT, CHILD_DIED):
                     self._stop_child()
                     break
         metrics = {"scored": len(pairs) - sum(reasons.values()), "timeouts": reasons[TIMEOUT],
@@ -220,11 +226,22 @@ class VerifierPool:
                                     reward_function=reward_function)
                         for i in range(num_workers)]
 
+        self._next = 0
+
     @classmethod
-    def from_config(cls, cfg, **kwargs) -> VerifierPool:
-        """From a `VerifierConfig`."""
-        return cls(cfg.num_workers, timeout_s=cfg.timeout_s, pass_threshold=cfg.pass_threshold,
-                   reward_function=cfg.reward_function, **kwargs)
+    def from_config(cls, cfg: Config, *, name_prefix: str = "verifier") -> VerifierPool:
+        """The run's verifier pool, from `cfg.verifier`."""
+        v = cfg.verifier
+        return cls(v.num_workers, timeout_s=v.timeout_s, pass_threshold=v.pass_threshold,
+                   reward_function=v.reward_function, num_cpus_per_worker=v.num_cpus_per_worker,
+                   name_prefix=name_prefix)
+
+    def submit(self, pairs: Sequence[tuple[str, str]]) -> ray.ObjectRef:
+        """Score (response, answer) pairs on the next worker (round robin); the ref resolves to
+        `VerifierWorker.score`'s (verdicts, metrics). For streaming many small chunks."""
+        worker = self.workers[self._next % len(self.workers)]
+        self._next += 1
+        return worker.score.remote(list(pairs))
 
     def score(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[Verdict], dict]:
         """Verdicts for responses[i] against answers[i], in order, and the merged metrics."""

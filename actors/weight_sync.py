@@ -63,7 +63,7 @@ def link_model_files(model_path: str, weights_dir: str) -> None:
     """Make `weights_dir` a complete model directory: vLLM's `reload_weights(weights_path=...)`
     re-points the engine's model path there, and later requests load the processor from it."""
     for name in os.listdir(model_path):
-        if name.endswith(".safetensors") or name.endswith(".safetensors.index.json") or name.endswith(".bin"):
+        if name.endswith((".safetensors", ".safetensors.index.json", ".bin")):
             continue
         dst = os.path.join(weights_dir, name)
         if not os.path.lexists(dst):

@@ -1,14 +1,15 @@
 """Benchmark: the calibration stage against a per-sample Python loop, and calibrl_loss against GRPO's loss.
 
-    .venv/bin/python benchmarks/calibration.py            # 512 groups x (15 on-policy + 1 expert) x 1024 tokens
-    .venv/bin/python benchmarks/calibration.py --small    # 32 groups x (15 + 1) x 256 tokens, a few seconds
+    .venv/bin/python benchmarks/calibration.py          # 512 groups x (15 on-policy + 1 expert) x 1024 tokens
+    .venv/bin/python benchmarks/calibration.py --small  # 32 groups x (15 + 1) x 256 tokens, a few seconds
 
 1. Calibration stage: `CalibrationStage.add` for every group + `assemble` (mixup, padding, rewards,
    group advantages, expert pointers) + `attach_expert_logprobs` (section 4's b_t for every row), against
    `benchmarks/reference_loop.py`, the same spec written as a straightforward per-sample loop. Both
-   get the same groups (fastest of `--stage-repeats` alternating runs); their outputs are asserted equal. Run twice: token ids and log-probs as
-   Python lists, then as numpy arrays (what a rollout worker can send through Ray without a copy;
-   with lists, converting them is most of the stage's time).
+   get the same groups (fastest of `--stage-repeats` alternating runs); their outputs are asserted
+   equal. Run twice: token ids and log-probs as Python lists, then as numpy arrays (what a rollout
+   worker can send through Ray without a copy; with lists, converting them is most of the stage's
+   time).
 2. Loss: forward + backward of `calibrl_loss` against `ppo_loss` (the GRPO loss, same dual clip)
    on the assembled batch's shapes, fastest of `--repeats` alternating runs, metrics included in both.
 """
@@ -68,8 +69,8 @@ def make_groups(num_groups: int, n: int, max_len: int, max_prompt: int, *, array
                               finish_reason="length" if lengths[base + i] == max_len else "stop")
                      for i in range(n)]
         prompt = rng.integers(3, 150_000, size=int(rng.integers(max_prompt // 4, max_prompt + 1)))
-        groups.append(Group(prompt_id=f"p{g}", prompt_token_ids=prompt.tolist() if not arrays else prompt, answer="1",
-                            responses=responses, verdicts=verdicts,
+        groups.append(Group(prompt_id=f"p{g}", prompt_token_ids=prompt.tolist() if not arrays else prompt,
+                            answer="1", responses=responses, verdicts=verdicts,
                             experts=[ExpertTrajectory(token_ids=ids_rows[base + n], text="")]))
     return groups
 
@@ -109,7 +110,10 @@ def best_times(fns, repeats: int) -> list[float]:
 
 
 def compare_stage(num_groups: int, n: int, max_len: int, max_prompt: int, *, arrays: bool, repeats: int):
-    """Time the stage and the loop on the same groups; assert equal outputs. Returns (batch, t_stage, t_loop)."""
+    """Time the stage and the loop on the same groups; assert equal outputs.
+
+    Returns (batch, t_stage, t_loop).
+    """
     warm = make_groups(2, n, 16, 8, arrays=arrays, seed=1)  # first-call costs out of the timings
     run_stage(warm, torch.zeros(2 * (n + 1), 16))
     run_reference(warm, torch.zeros(2 * (n + 1), 16))
@@ -135,13 +139,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="32 groups x 256 tokens: a quick check")
     parser.add_argument("--repeats", type=int, default=7, help="loss timing repeats (fastest counts)")
-    parser.add_argument("--stage-repeats", type=int, default=3, help="stage / loop timing repeats (fastest counts)")
+    parser.add_argument("--stage-repeats", type=int, default=3,
+                        help="stage / loop timing repeats (fastest counts)")
     args = parser.parse_args()
     num_groups, max_len, max_prompt = (32, 256, 64) if args.small else (512, 1024, 256)
     n = 15
     rows = num_groups * (n + 1)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {num_groups} groups x ({n} on-policy + 1 "
-          f"expert) x {max_len} tokens = {rows} rows")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{num_groups} groups x ({n} on-policy + 1 expert) x {max_len} tokens = {rows} rows")
 
     _, t_stage_lists, t_loop_lists = compare_stage(num_groups, n, max_len, max_prompt, arrays=False,
                                                  repeats=args.stage_repeats)
@@ -180,9 +185,9 @@ def main() -> None:
         f"{t_loop_arrays / t_stage_arrays:.1f}x", ">= 30x")
     row("ppo_loss (GRPO) forward+backward", t_grpo)
     row("calibrl_loss forward+backward", t_calib, f"{t_calib / t_grpo:.2f}x", "<= 1.10x")
-    print(f"\noutputs equal ({len(FIELDS)} fields, {rows} rows x {batch.response_ids.shape[1]} tokens, both input "
-          f"kinds); stage speed-up {t_loop_lists / t_stage_lists:.1f}x (lists) / {t_loop_arrays / t_stage_arrays:.1f}x "
-          f"(arrays); calibrl_loss / GRPO loss {t_calib / t_grpo:.2f}x")
+    print(f"\noutputs equal ({len(FIELDS)} fields, {rows} rows x {batch.response_ids.shape[1]} tokens, "
+          f"both input kinds); stage speed-up {t_loop_lists / t_stage_lists:.1f}x (lists) / "
+          f"{t_loop_arrays / t_stage_arrays:.1f}x (arrays); calibrl_loss / GRPO loss {t_calib / t_grpo:.2f}x")
 
 
 if __name__ == "__main__":

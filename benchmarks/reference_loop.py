@@ -1,5 +1,5 @@
 """A straightforward per-sample Python implementation of the calibration stage, written from
-ALGORITHM.md sections 2, 4 and 6 (and DAPO's shaping) with no vectorisation: a loop over groups and
+docs/algorithm.md sections 2, 4 and 6 (and DAPO's shaping) with no vectorisation: a loop over groups and
 samples, Python lists for rows, `torch.tensor` once at the end. The benchmark and the tests compare
 `calibrl.algo.CalibrationStage` + `attach_expert_logprobs` against it.
 """
@@ -46,7 +46,8 @@ def reference_assemble(groups, *, pad_token_id, mixup="random", mix_ratio=1.0, p
                 reward += min(-(len(ids) - expected) / overlong_buffer_tokens * overlong_penalty, 0.0)
             rows.append({"group": gi, "ids": ids, "logp": list(resp.logprobs), "reward": reward,
                          "accuracy": v.accuracy, "format_ok": v.format_ok, "passed": v.passed,
-                         "expert": False, "version": resp.weights_version, "prompt": list(g.prompt_token_ids)})
+                         "expert": False, "version": resp.weights_version,
+                         "prompt": list(g.prompt_token_ids)})
         experts = g.experts[:experts_per_group] if keep else []
         expert_row = first + len(g.responses) if experts else -1
         for e in experts:
@@ -75,14 +76,14 @@ def reference_assemble(groups, *, pad_token_id, mixup="random", mix_ratio=1.0, p
     width = max((len(r["ids"]) for r in rows), default=0)
     prompt_width = max((len(r["prompt"]) for r in rows), default=0)
     out = {
-        "prompt_ids": torch.tensor([[pad_token_id] * (prompt_width - len(r["prompt"])) + r["prompt"] for r in rows],
-                                   dtype=torch.long).reshape(len(rows), prompt_width),
+        "prompt_ids": torch.tensor([[pad_token_id] * (prompt_width - len(r["prompt"])) + r["prompt"]
+                                    for r in rows], dtype=torch.long).reshape(len(rows), prompt_width),
         "prompt_mask": torch.tensor([[False] * (prompt_width - len(r["prompt"])) + [True] * len(r["prompt"])
                                      for r in rows], dtype=torch.bool).reshape(len(rows), prompt_width),
         "response_ids": torch.tensor([r["ids"] + [pad_token_id] * (width - len(r["ids"])) for r in rows],
                                      dtype=torch.long).reshape(len(rows), width),
-        "response_mask": torch.tensor([[True] * len(r["ids"]) + [False] * (width - len(r["ids"])) for r in rows],
-                                      dtype=torch.bool).reshape(len(rows), width),
+        "response_mask": torch.tensor([[True] * len(r["ids"]) + [False] * (width - len(r["ids"]))
+                                       for r in rows], dtype=torch.bool).reshape(len(rows), width),
         "rollout_logp": torch.tensor([r["logp"] + [0.0] * (width - len(r["ids"])) for r in rows],
                                      dtype=torch.float32).reshape(len(rows), width),
         "rewards": torch.tensor([r["reward"] for r in rows], dtype=torch.float32),
@@ -101,21 +102,28 @@ def reference_assemble(groups, *, pad_token_id, mixup="random", mix_ratio=1.0, p
 
 
 def reference_attach(batch: dict, old_logp: torch.Tensor) -> dict:
-    """Section 4's b_t, one row at a time: row i gets its group expert's old log-probs at the same
-    positions, zero past the expert's end, and their mean over the expert's length."""
+    """Section 4's b_t, one row at a time: row i gets, at each position t, the mean old log-prob of
+    its group's experts that reach t (zero where none does), and the mean of the experts' means
+    over their own lengths."""
     rows, width = old_logp.shape
     lengths = batch["response_length"].tolist()
     expert_rows = batch["expert_row"].tolist()
+    groups = batch["group_index"].tolist()
+    is_expert = batch["is_expert"].tolist()
     masked = [old_logp[i, :lengths[i]].tolist() + [0.0] * (width - lengths[i]) for i in range(rows)]
     expert_old, expert_mean = [], []
     for i in range(rows):
-        e = expert_rows[i]
-        if e < 0:
+        if expert_rows[i] < 0:
             expert_old.append([0.0] * width)
             expert_mean.append(0.0)
-        else:
-            expert_old.append(masked[e])
-            expert_mean.append(sum(masked[e]) / max(lengths[e], 1))
+            continue
+        mine = [e for e in range(rows) if is_expert[e] and groups[e] == groups[i]]
+        b = []
+        for t in range(width):
+            covering = [masked[e][t] for e in mine if t < lengths[e]]
+            b.append(sum(covering) / len(covering) if covering else 0.0)
+        expert_old.append(b)
+        expert_mean.append(sum(sum(masked[e]) / max(lengths[e], 1) for e in mine) / len(mine))
     batch["old_logp"] = torch.tensor(masked, dtype=torch.float32).reshape(rows, width)
     batch["expert_old_logp"] = torch.tensor(expert_old, dtype=torch.float32).reshape(rows, width)
     batch["expert_mean_logp"] = torch.tensor(expert_mean, dtype=torch.float32)

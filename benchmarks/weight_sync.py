@@ -60,7 +60,8 @@ def make_random_qwen2(out_dir: str, *, hidden_size: int, num_layers: int, interm
 
     tok = build_tokenizer()
     cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-                      num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64, num_key_value_heads=4,
+                      num_hidden_layers=num_layers, num_attention_heads=hidden_size // 64,
+                      num_key_value_heads=4,
                       max_position_embeddings=2048, tie_word_embeddings=False, bos_token_id=None,
                       eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), pad_token_id=tok.pad_token_id,
                       rope_theta=10000.0)
@@ -75,7 +76,8 @@ def make_random_qwen2(out_dir: str, *, hidden_size: int, num_layers: int, interm
 # ---- weight sync --------------------------------------------------------------------------------
 
 
-def sync_latency(model_path: str, worker, *, ranks: int, zero_stage: int, repeats: int, shm_root: str) -> dict:
+def sync_latency(model_path: str, worker, *, ranks: int, zero_stage: int, repeats: int,
+                 shm_root: str) -> dict:
     """Median seconds of ShmWeightSync.push and of its floor (write + reload), alternating."""
     import ray
     from safetensors.torch import load_file, save_file
@@ -84,8 +86,8 @@ def sync_latency(model_path: str, worker, *, ranks: int, zero_stage: int, repeat
     from actors.learner import Learner
     from actors.weight_sync import ShmWeightSync, link_model_files
 
-    learners = ActorGroup(Learner, ranks, name_prefix=f"learner-bench-z{zero_stage}x{ranks}", num_cpus_per_actor=1,
-                          model_path=model_path, zero_stage=zero_stage)
+    learners = ActorGroup(Learner, ranks, name_prefix=f"learner-bench-z{zero_stage}x{ranks}",
+                          num_cpus_per_actor=1, model_path=model_path, zero_stage=zero_stage)
     sync = ShmWeightSync(learners, [worker], root=os.path.join(shm_root, f"push-z{zero_stage}x{ranks}"))
     try:
         sync.push(1)  # warm-up; its file holds the bytes the floor writes (read back, not sent through Ray)
@@ -113,7 +115,8 @@ def sync_latency(model_path: str, worker, *, ranks: int, zero_stage: int, repeat
                 reload.append(t_reload)
         med = statistics.median
         return {"bytes": nbytes, "push": med(push), "export": med(export), "load": med(load),
-                "write": med(write), "reload": med(reload), "floor": med(w + r for w, r in zip(write, reload))}
+                "write": med(write), "reload": med(reload),
+                "floor": med(w + r for w, r in zip(write, reload))}
     finally:
         sync.close()
         learners.shutdown()
@@ -148,7 +151,8 @@ def actor_generate(worker, requests, sampling: dict) -> dict:
 
     t0 = time.perf_counter()
     results = ray.get(worker.generate.remote(requests, SamplingSpec(**sampling)))
-    return {"tokens": sum(len(s.token_ids) for r in results for s in r.samples), "seconds": time.perf_counter() - t0}
+    return {"tokens": sum(len(s.token_ids) for r in results for s in r.samples),
+            "seconds": time.perf_counter() - t0}
 
 
 def direct_engine(spec_file: str) -> None:
@@ -173,8 +177,8 @@ def direct_engine(spec_file: str) -> None:
         t0 = time.perf_counter()  # from the prompt texts, as the worker's generate
         prompts = [{"prompt": render_chat(tokenizer, p)} for p in spec["prompts"]]
         # as RolloutWorker.generate on CPU: no per-request seeds, the engine's generator seeded per call
-        params = [SamplingParams(n=s["n"], temperature=s["temperature"], top_p=1.0, max_tokens=s["max_tokens"],
-                                 logprobs=0) for _ in prompts]
+        params = [SamplingParams(n=s["n"], temperature=s["temperature"], top_p=1.0,
+                                 max_tokens=s["max_tokens"], logprobs=0) for _ in prompts]
         torch.manual_seed(0)
         outputs = llm.generate(prompts, params, use_tqdm=False)
         seconds = time.perf_counter() - t0
@@ -188,11 +192,13 @@ class DirectEngine:
     def __init__(self, model_path: str, prompts: list[str], sampling: dict, tmp: str):
         spec_file = os.path.join(tmp, "direct.json")
         with open(spec_file, "w") as f:
-            json.dump({"model_path": model_path, "engine": ENGINE, "prompts": prompts, "sampling": sampling}, f)
+            json.dump({"model_path": model_path, "engine": ENGINE, "prompts": prompts,
+                       "sampling": sampling}, f)
         self.log = os.path.join(tmp, "direct.log")
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen([sys.executable, __file__, "--direct", spec_file], stdin=subprocess.PIPE,
-                                         stdout=subprocess.PIPE, stderr=log, text=True)
+            self.proc = subprocess.Popen([sys.executable, __file__, "--direct", spec_file],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                         text=True)
 
     def result(self) -> dict:
         for line in self.proc.stdout:
@@ -273,29 +279,34 @@ def main() -> None:
     from calibrl.tiny_models import make_tiny_qwen2
 
     tmp = tempfile.mkdtemp(prefix="calibrl-bench-")
-    shm_root = tempfile.mkdtemp(prefix="calibrl-bench-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    shm_root = tempfile.mkdtemp(prefix="calibrl-bench-",
+                                dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     sync_rows, rollout_rows = [], []
     try:
         name = f"random-qwen2-{big['num_layers']}x{big['hidden_size']}"
-        models = {"tiny-qwen2": make_tiny_qwen2(os.path.join(tmp, "tiny-qwen2")), name: os.path.join(tmp, name)}
+        models = {"tiny-qwen2": make_tiny_qwen2(os.path.join(tmp, "tiny-qwen2")),
+                  name: os.path.join(tmp, name)}
         num_params = make_random_qwen2(models[name], **big)
         prompts = rollout_prompts(num_prompts)
-        print(f"{num_prompts} prompts x n={sampling['n']} x {sampling['max_tokens']} tokens; {repeats} repetitions; "
-              f"{name}: {num_params / 1e6:.0f}M parameters", flush=True)
+        print(f"{num_prompts} prompts x n={sampling['n']} x {sampling['max_tokens']} tokens; "
+              f"{repeats} repetitions; {name}: {num_params / 1e6:.0f}M parameters", flush=True)
 
         cores = os.cpu_count() or 1
         ray.init(num_cpus=2 * cores + 2, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
         for m, path in models.items():
             # Ray sets OMP_NUM_THREADS to an actor's num_cpus: the engine's threads follow its reservation
-            rounds = repeats * (3 if m == "tiny-qwen2" else 1)  # the tiny model's rounds take a fraction of a second
+            # the tiny model's rounds take a fraction of a second
+            rounds = repeats * (3 if m == "tiny-qwen2" else 1)
             rows, worker = rollout_throughput(path, prompts, sampling, rounds, tmp, cpu_options=(cores, 1))
             rollout_rows += [(m, engine, r) for engine, r in rows]
             try:
                 for ranks, stage in ((1, 2), (2, 3)):
-                    r = sync_latency(path, worker, ranks=ranks, zero_stage=stage, repeats=repeats, shm_root=shm_root)
+                    r = sync_latency(path, worker, ranks=ranks, zero_stage=stage, repeats=repeats,
+                                     shm_root=shm_root)
                     sync_rows.append((m, f"{ranks} rank{'s' if ranks > 1 else ''}, ZeRO-{stage}", r))
-                    print(f"  {m} {ranks}x ZeRO-{stage}: push {r['push']:.3f}s floor {r['floor']:.3f}s", flush=True)
+                    print(f"  {m} {ranks}x ZeRO-{stage}: push {r['push']:.3f}s floor {r['floor']:.3f}s",
+                          flush=True)
             finally:
                 ray.kill(worker)
     finally:
@@ -315,11 +326,13 @@ def main() -> None:
               f"{r['push'] / r['floor']:5.2f}x | <= 1.5x |")
     print()
     print("Rollout throughput, generated tokens/s (median); ratio against vLLM direct")
-    print(f"| {'model':26s} | {'engine':26s} | threads | {'tokens':>6s} | {'tokens/s':>8s} | {'ratio':>6s} | target  |")
+    print(f"| {'model':26s} | {'engine':26s} | threads | {'tokens':>6s} | {'tokens/s':>8s} | "
+          f"{'ratio':>6s} | target  |")
     print(f"|{'-' * 28}|{'-' * 28}|---------|{'-' * 8}|{'-' * 10}|{'-' * 8}|---------|")
     direct = {m: r["tokens_per_s"] for m, engine, r in rollout_rows if engine.startswith("vLLM")}
     for m, engine, r in rollout_rows:
-        ratio, target = ("", "") if engine.startswith("vLLM") else (f"{r['tokens_per_s'] / direct[m]:5.2f}x", ">= 0.9x")
+        ratio, target = (("", "") if engine.startswith("vLLM")
+                         else (f"{r['tokens_per_s'] / direct[m]:5.2f}x", ">= 0.9x"))
         print(f"| {m:26s} | {engine:26s} | {r['threads']:7d} | {r['tokens']:6d} | {r['tokens_per_s']:8.0f} | "
               f"{ratio:>6s} | {target:7s} |")
 

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 
 from omegaconf import OmegaConf
 
-ALGORITHMS = ("calibrl", "grpo", "drgrpo", "dapo", "sft", "sft_grpo", "luffy", "rlplus")
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-MIXUP_POLICIES = ("random", "pass", "always", "never")
-BASELINES = ("token", "sequence")
+from calibrl.algo.losses import BASELINES, CALIB_WEIGHTS, LOSS_AGGS, NO_EXPERT_BASELINES
+from calibrl.algo.methods import DEFAULT_METHOD, METHODS
+from calibrl.algo.mixup import MIXUP_POLICIES
 
 
 @dataclass
@@ -48,7 +47,8 @@ class DataConfig:
     max_images_per_prompt: int = 1
     """Most images in one prompt."""
     on_bad_row: str = "error"
-    """`error`: stop at the first bad row naming file/row/field; `skip`: drop it and count it in the report."""
+    """`error`: stop at the first bad row naming file/row/field; `skip`: drop it and count it in the
+    report."""
     read_batch_rows: int = 1024
     """Rows read from parquet at a time (large files are never read whole)."""
     shuffle: bool = True
@@ -91,12 +91,14 @@ class VerifierConfig:
     """A response passes when reward > this (a format-only response fails)."""
     reward_function: str | None = None
     """Import path `module:function` of a custom reward fn(response, answer) -> float | Verdict."""
+    num_cpus_per_worker: float = 0.5
+    """Ray CPUs reserved per verifier actor."""
 
 
 @dataclass
 class AlgorithmConfig:
-    name: str = "calibrl"
-    """One of calibrl, grpo, drgrpo, dapo, sft, sft_grpo, luffy, rlplus."""
+    name: str = DEFAULT_METHOD
+    """A method of `calibrl.algo.methods.METHODS` (CalibRL or a baseline)."""
     clip_low: float = 0.2
     """PPO ratio clip below 1 (eps_low)."""
     clip_high: float = 0.2
@@ -109,6 +111,11 @@ class AlgorithmConfig:
     """lambda: weight of the calibration term in the total loss."""
     baseline: str = "token"
     """Expert baseline: `token` (position-aligned expert log-prob) or `sequence` (expert mean)."""
+    calib_weight: str = "abs_advantage"
+    """Weight of each row's calibration term: `abs_advantage` (|A|, the paper) or `unit` (ablation)."""
+    no_expert_baseline: str = "none"
+    """Rows whose group dropped its expert: `none` (no calibration term) or `zero` (b_t = 0, the
+    reference code's behaviour)."""
     std_normalize: bool = False
     """Divide group advantages by the group's reward std (GRPO); CalibRL does not."""
     loss_agg: str = "token-mean"
@@ -169,6 +176,10 @@ class LearnerConfig:
     """Ray CPUs reserved per learner actor."""
     sft_lr: float | None = None
     """Learning rate during SFT warm-up steps (None: `lr`)."""
+    reset_optimizer_after_sft: bool = True
+    """Zero the optimizer's moments when the SFT warm-up ends, so RL starts as a fresh run would (with
+    SFT's far larger gradients in Adam's second moment, RL updates would be orders of magnitude smaller
+    than `lr`)."""
 
 
 @dataclass
@@ -223,13 +234,24 @@ class ConfigError(ValueError):
 
 
 def load_config(yaml_paths: str | list[str] | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file(s), in order <- `key=value` overrides; returns a typed `Config` (not validated)."""
+    """Defaults <- YAML file(s), in order <- `key=value` overrides; returns a typed `Config` (not
+    validated)."""
     merged = OmegaConf.structured(Config)
     for path in [yaml_paths] if isinstance(yaml_paths, str) else (yaml_paths or []):
         merged = OmegaConf.merge(merged, OmegaConf.load(path))
     if overrides:
         merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
     return OmegaConf.to_object(merged)
+
+
+def split_config_args(args: list[str]) -> tuple[list[str], list[str]]:
+    """Command-line arguments as (YAML paths in order, key=value overrides); anything else is an error."""
+    configs = [a for a in args if a.endswith((".yaml", ".yml"))]
+    overrides = [a for a in args if "=" in a and not a.endswith((".yaml", ".yml"))]
+    unknown = [a for a in args if a not in configs and a not in overrides]
+    if unknown:
+        raise SystemExit(f"calibrl: expected CONFIG.yaml files and key=value overrides, got {unknown}")
+    return configs, overrides
 
 
 def to_yaml(cfg: Config) -> str:
@@ -256,27 +278,38 @@ def validate(cfg: Config) -> Config:
         if not ok:
             problems.append(msg)
 
-    need(a.name in ALGORITHMS, f"algorithm.name={a.name!r} is unknown; choose one of {', '.join(ALGORITHMS)}")
-    need(a.loss_agg in LOSS_AGGS, f"algorithm.loss_agg={a.loss_agg!r} is unknown; choose one of {', '.join(LOSS_AGGS)}")
-    need(a.mixup in MIXUP_POLICIES, f"algorithm.mixup={a.mixup!r} is unknown; choose one of {', '.join(MIXUP_POLICIES)}")
+    need(a.name in METHODS, f"algorithm.name={a.name!r} is unknown; choose one of {', '.join(METHODS)}")
+    need(a.loss_agg in LOSS_AGGS,
+         f"algorithm.loss_agg={a.loss_agg!r} is unknown; choose one of {', '.join(LOSS_AGGS)}")
+    need(a.mixup in MIXUP_POLICIES,
+         f"algorithm.mixup={a.mixup!r} is unknown; choose one of {', '.join(MIXUP_POLICIES)}")
     need(a.baseline in BASELINES, f"algorithm.baseline={a.baseline!r} is unknown; choose token or sequence")
-    need(a.expert_choice in ("first", "random"), f"algorithm.expert_choice={a.expert_choice!r}: use first or random")
+    need(a.calib_weight in CALIB_WEIGHTS, f"algorithm.calib_weight={a.calib_weight!r}: choose one of "
+         f"{', '.join(CALIB_WEIGHTS)}")
+    need(a.no_expert_baseline in NO_EXPERT_BASELINES,
+         f"algorithm.no_expert_baseline={a.no_expert_baseline!r}: "
+         f"choose one of {', '.join(NO_EXPERT_BASELINES)}")
+    need(0.0 <= a.alpha <= 1.0, f"algorithm.alpha={a.alpha} must lie in [0, 1] (0: ReLU, 1: identity)")
+    need(a.expert_choice in ("first", "random"),
+         f"algorithm.expert_choice={a.expert_choice!r}: use first or random")
     need(0.0 <= a.mix_ratio <= 1.0, f"algorithm.mix_ratio={a.mix_ratio} must lie in [0, 1]")
-    need(a.pass_low <= a.pass_high, f"algorithm.pass_low={a.pass_low} exceeds algorithm.pass_high={a.pass_high}")
+    need(a.pass_low <= a.pass_high,
+         f"algorithm.pass_low={a.pass_low} exceeds algorithm.pass_high={a.pass_high}")
     need(a.clip_low >= 0 and a.clip_high >= 0, "algorithm.clip_low and clip_high must be >= 0")
     need(a.clip_ratio_c > 1.0, f"algorithm.clip_ratio_c={a.clip_ratio_c} must be > 1 (dual clip)")
     need(a.experts_per_group >= 1, f"algorithm.experts_per_group={a.experts_per_group} must be >= 1")
     need(d.on_bad_row in ("error", "skip"), f"data.on_bad_row={d.on_bad_row!r}: use error or skip")
-    need(len(d.train_files) > 0 or a.name == "sft", "data.train_files is empty")
+    need(len(d.train_files) > 0, "data.train_files is empty (prompts and expert trajectories come from it)")
     need(r.weight_sync in ("shm", "nccl"), f"rollout.weight_sync={r.weight_sync!r}: use shm or nccl")
     need(ln.zero_stage in (0, 1, 2, 3), f"learner.zero_stage={ln.zero_stage} must be 0, 1, 2 or 3")
     need(ln.optimizer in ("adamw", "sgd"), f"learner.optimizer={ln.optimizer!r}: adamw or sgd")
-    need(ln.lr_schedule in ("constant", "cosine"), f"learner.lr_schedule={ln.lr_schedule!r}: constant or cosine")
+    need(ln.lr_schedule in ("constant", "cosine"),
+         f"learner.lr_schedule={ln.lr_schedule!r}: constant or cosine")
     need(t.resume in ("auto", "never") or os.path.exists(t.resume),
          f"trainer.resume={t.resume!r} is neither auto, never nor an existing checkpoint path")
 
-    group_based = a.name not in ("sft",)
-    need(not group_based or r.samples_per_prompt >= 2,
+    samples = a.name not in METHODS or METHODS[a.name].needs_rollouts
+    need(not samples or r.samples_per_prompt >= 2,
          f"rollout.samples_per_prompt={r.samples_per_prompt}: group advantages need >= 2 samples per prompt")
     for name, value in [("trainer.prompts_per_step", t.prompts_per_step),
                         ("learner.mini_batch_prompts", ln.mini_batch_prompts),
@@ -303,7 +336,8 @@ def validate(cfg: Config) -> Config:
          f"({r.max_response_length}) exceeds model.max_model_len ({m.max_model_len})")
     ctx = model_context_length(m.path)
     need(ctx is None or m.max_model_len <= ctx,
-         f"model.max_model_len={m.max_model_len} exceeds the model's context ({ctx} tokens, {m.path}/config.json)")
+         f"model.max_model_len={m.max_model_len} exceeds the model's context ({ctx} tokens, "
+         f"{m.path}/config.json)")
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -22,7 +22,8 @@ IMAGE_PAD = "<|image_pad|>"
 
 def render_chat(tokenizer, prompt_text: str) -> str:
     """The generation prompt for `prompt_text` (with `<image>` placeholders) under the chat template."""
-    return tokenizer.apply_chat_template(to_chat_messages(prompt_text), tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(to_chat_messages(prompt_text), tokenize=False,
+                                         add_generation_prompt=True)
 
 
 def decode_images(images: Sequence[bytes]) -> list[Image.Image]:
@@ -53,11 +54,13 @@ def image_token_count(image: bytes, *, patch_size: int = 14, merge_size: int = 2
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     width, height = Image.open(io.BytesIO(image)).size
-    h, w = smart_resize(height, width, factor=patch_size * merge_size, min_pixels=min_pixels, max_pixels=max_pixels)
+    h, w = smart_resize(height, width, factor=patch_size * merge_size, min_pixels=min_pixels,
+                        max_pixels=max_pixels)
     return (h // patch_size) * (w // patch_size) // merge_size**2
 
 
 def prompt_token_ids(tokenizer, prompt_text: str, images: Sequence[bytes], **image_kwargs) -> list[int]:
     """The prompt ids the rollout engine will see: chat-rendered, each image pad expanded."""
     counts = [image_token_count(img, **image_kwargs) for img in images]
-    return tokenizer(expand_image_pads(render_chat(tokenizer, prompt_text), counts), add_special_tokens=False).input_ids
+    return tokenizer(expand_image_pads(render_chat(tokenizer, prompt_text), counts),
+                     add_special_tokens=False).input_ids

@@ -57,7 +57,8 @@ def response_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
         if pixel_values is not None:
             kwargs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw,
                           mm_token_type_ids=torch.cat([mm_token_type_ids(config, prompt_ids),
-                                                       torch.zeros_like(response_ids, dtype=torch.int)], dim=1))
+                                                       torch.zeros_like(response_ids, dtype=torch.int)],
+                                                      dim=1))
     else:
         kwargs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
     logits = model(**kwargs).logits[:, :-1].float()

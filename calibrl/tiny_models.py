@@ -55,11 +55,12 @@ def build_tokenizer(model_max_length: int = 2048):
 
 
 def _text_config(tok, *, hidden_size: int, num_layers: int, max_positions: int) -> dict:
-    return dict(vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                num_hidden_layers=num_layers, num_attention_heads=hidden_size // 32, num_key_value_heads=2,
-                max_position_embeddings=max_positions, tie_word_embeddings=False,
-                bos_token_id=None, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
-                pad_token_id=tok.pad_token_id)
+    return {"vocab_size": VOCAB_SIZE, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size,
+                "num_hidden_layers": num_layers, "num_attention_heads": hidden_size // 32,
+                "num_key_value_heads": 2,
+                "max_position_embeddings": max_positions, "tie_word_embeddings": False,
+                "bos_token_id": None, "eos_token_id": tok.convert_tokens_to_ids("<|im_end|>"),
+                "pad_token_id": tok.pad_token_id}
 
 
 def make_tiny_qwen2(out_dir: str, *, hidden_size: int = 128, num_layers: int = 2,
@@ -91,13 +92,14 @@ def make_tiny_qwen25_vl(out_dir: str, *, hidden_size: int = 128, num_layers: int
     # mrope sections (temporal, height, width) must sum to head_dim / 2
     text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
     assert sum(text["rope_parameters"]["mrope_section"]) == head_dim // 2
-    vision = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=hidden_size,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                  fullatt_block_indexes=[1], in_channels=3)
+    vision = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2,
+                  "out_hidden_size": hidden_size, "patch_size": 14, "spatial_merge_size": 2,
+                  "temporal_patch_size": 2, "window_size": 112, "fullatt_block_indexes": [1],
+                  "in_channels": 3}
     cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision,
                            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                           vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-                           tie_word_embeddings=False)
+                           vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).to(torch.float32)
     model.generation_config.eos_token_id = ids["<|im_end|>"]
@@ -125,7 +127,8 @@ def main() -> None:
     ap.add_argument("--hidden-size", type=int, default=128)
     ap.add_argument("--num-layers", type=int, default=2)
     args = ap.parse_args()
-    for name, path in make_all(args.out_dir, hidden_size=args.hidden_size, num_layers=args.num_layers).items():
+    for name, path in make_all(args.out_dir, hidden_size=args.hidden_size,
+                               num_layers=args.num_layers).items():
         print(f"{name}: {path}")
 
 

@@ -2,6 +2,8 @@
 
     calibrl train CONFIG.yaml [MORE.yaml ...] [key=value ...]   train (joins a running Ray cluster if any)
     calibrl eval CHECKPOINT_OR_MODEL --data FILE.parquet [...]    greedy accuracy, pass@k, format rate, length
+    calibrl compare CONFIG.yaml [...] --variants calibrl,grpo --seeds 0,1,2 [--out DIR]
+                                                                  methods x seeds from a shared SFT start
     calibrl report RUN_DIR                                        PNG plots + summary.md
     calibrl make-demo-data OUT_DIR                                tiny local models + synthetic parquet splits
     calibrl demo [key=value ...]                                  the CPU demo: data, CalibRL training, report
@@ -19,17 +21,7 @@ DEMO_ROOT = "runs/demo"
 DEMO_CONFIG = "configs/cpu_demo.yaml"
 
 
-def split_args(args: list[str]) -> tuple[list[str], list[str]]:
-    """YAML paths (in order) and key=value overrides."""
-    configs = [a for a in args if a.endswith((".yaml", ".yml"))]
-    overrides = [a for a in args if "=" in a and not a.endswith((".yaml", ".yml"))]
-    unknown = [a for a in args if a not in configs and a not in overrides]
-    if unknown:
-        raise SystemExit(f"calibrl: expected CONFIG.yaml files and key=value overrides, got {unknown}")
-    return configs, overrides
-
-
-def make_demo_data(root: str = DEMO_ROOT, *, n_train: int = 2000, n_val: int = 64, n_test: int = 64,
+def make_demo_data(root: str = DEMO_ROOT, *, n_train: int = 2000, n_val: int = 256, n_test: int = 256,
                    seed: int = 0) -> dict[str, str]:
     """Tiny models under ROOT/tiny-models and synthetic splits under ROOT/data (skips what exists)."""
     from calibrl.data.synthetic import write_splits
@@ -45,10 +37,10 @@ def make_demo_data(root: str = DEMO_ROOT, *, n_train: int = 2000, n_val: int = 6
 
 
 def cmd_train(args: list[str]) -> None:
-    from calibrl.config import load_config
+    from calibrl.config import load_config, split_config_args
     from launch.train import train
 
-    configs, overrides = split_args(args)
+    configs, overrides = split_config_args(args)
     if not configs:
         raise SystemExit("calibrl train: give a CONFIG.yaml (see configs/)")
     train(load_config(configs, overrides))
@@ -66,24 +58,25 @@ def cmd_eval(argv: list[str]) -> None:
 
     import ray
 
-    from actors.group import named_actor
     from actors.rollout import RolloutWorker
     from actors.verifier import VerifierPool
+    from calibrl.config import load_config
     from calibrl.data import load_examples
+    from launch.cluster import connect_ray
     from launch.evaluate import evaluate
-    from launch.train import connect_ray
 
     model = os.path.join(args.checkpoint, "learner", "hf")
     model = model if os.path.isdir(model) else args.checkpoint
+    cfg = load_config(None, [f"model.path={model}"])
     connect_ray(None, num_cpus=max(os.cpu_count() or 1, 3))
-    worker = named_actor(RolloutWorker, "rollout-eval-0", num_cpus=1, model_path=model)
-    verifiers = VerifierPool(1, name_prefix="verifier-eval")
+    workers = RolloutWorker.from_config(cfg, name_prefix="rollout-eval")
+    verifiers = VerifierPool.from_config(cfg, name_prefix="verifier-eval")
     results = {}
     for path in args.data:
         examples, _ = load_examples([path])
         examples = examples[: args.max_prompts or None]
-        results[path] = evaluate([worker], verifiers, examples, pass_k=args.pass_k, temperature=1.0,
-                                 max_tokens=args.max_tokens)
+        results[path], _ = evaluate(workers, verifiers, examples, pass_k=args.pass_k, temperature=1.0,
+                                    max_tokens=args.max_tokens)
         print(f"{path}: " + " ".join(f"{k}={v:.3f}" for k, v in results[path].items()))
     if args.out:
         with open(args.out, "w") as f:
@@ -101,7 +94,7 @@ def cmd_report(argv: list[str]) -> None:
 
 def cmd_demo(argv: list[str]) -> None:
     """The CPU demo: tiny VL model + synthetic counting task, SFT warm-up then CalibRL, then the report."""
-    from calibrl.config import load_config
+    from calibrl.config import load_config, split_config_args
     from launch.metrics import read_metrics
     from launch.report import write_report
     from launch.train import train
@@ -109,8 +102,9 @@ def cmd_demo(argv: list[str]) -> None:
     t0 = time.time()
     print("[demo] building the tiny vision-language model and the synthetic task (local, seeded)", flush=True)
     make_demo_data()
-    cfg = load_config([DEMO_CONFIG], split_args(argv)[1])
-    print(f"[demo] training: {cfg.trainer.sft_warmup_steps} SFT warm-up steps, then {cfg.trainer.total_steps} "
+    cfg = load_config([DEMO_CONFIG], split_config_args(argv)[1])
+    print(f"[demo] training: {cfg.trainer.sft_warmup_steps} SFT warm-up steps, then "
+          f"{cfg.trainer.total_steps} "
           f"CalibRL steps; metrics in {cfg.trainer.output_dir} (TensorBoard: tensorboard --logdir "
           f"{cfg.trainer.output_dir}/tensorboard)", flush=True)
     train(cfg)
@@ -121,8 +115,18 @@ def cmd_demo(argv: list[str]) -> None:
           f"({time.time() - t0:.0f} s). Report: {summary}", flush=True)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "report": cmd_report, "demo": cmd_demo,
-            "make-demo-data": lambda argv: print(json.dumps(make_demo_data(*(argv[:1] or [DEMO_ROOT])), indent=2))}
+def cmd_compare(argv: list[str]) -> None:
+    from launch.compare import main
+
+    main(argv)
+
+
+def cmd_make_demo_data(argv: list[str]) -> None:
+    print(json.dumps(make_demo_data(*(argv[:1] or [DEMO_ROOT])), indent=2))
+
+
+COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "report": cmd_report,
+            "demo": cmd_demo, "make-demo-data": cmd_make_demo_data}
 
 
 def main(argv: list[str] | None = None) -> None:

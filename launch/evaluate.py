@@ -27,14 +27,17 @@ def _generate(workers: list, examples: list[Example], sampling: SamplingSpec, se
 
 
 def evaluate(workers: list, verifiers, examples: list[Example], *, pass_k: int, temperature: float,
-             max_tokens: int, seed: int = 0) -> dict[str, float]:
+             max_tokens: int, seed: int = 0) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, the greedy response text of each prompt id)."""
     if not examples:
-        return {}
+        return {}, {}
     greedy = _generate(workers, examples, SamplingSpec(n=1, temperature=0.0, max_tokens=max_tokens), seed)
-    sampled = (_generate(workers, examples, SamplingSpec(n=pass_k, temperature=temperature, max_tokens=max_tokens),
+    sampled = (_generate(workers, examples,
+                         SamplingSpec(n=pass_k, temperature=temperature, max_tokens=max_tokens),
                          seed + 7919) if pass_k > 0 else [])
     texts = [r.samples[0].text for r in greedy] + [s.text for r in sampled for s in r.samples]
-    answers = [e.answer for e in examples] + [e.answer for e in examples for _ in range(pass_k if sampled else 0)]
+    answers = ([e.answer for e in examples]
+               + [e.answer for e in examples for _ in range(pass_k if sampled else 0)])
     verdicts, _ = verifiers.score(texts, answers)
     n = len(examples)
     greedy_v, sampled_v = verdicts[:n], verdicts[n:]
@@ -57,4 +60,4 @@ def evaluate(workers: list, verifiers, examples: list[Example], *, pass_k: int, 
     if len(by_source) > 1:
         for source, idx in sorted(by_source.items()):
             out |= summary(idx, "/" + source.replace("/", "_"))
-    return out
+    return out, {e.id: r.samples[0].text for e, r in zip(examples, greedy)}

@@ -33,7 +33,8 @@ class MetricsLogger:
             self._gauge_cls = None
 
     def truncate_after(self, step: int, sft_step: int) -> None:
-        """Drop records written after the checkpoint being resumed (RL step > `step`, SFT step > `sft_step`)."""
+        """Drop records written after the checkpoint being resumed (RL step > `step`, SFT step >
+        `sft_step`)."""
         for path in (self.path, os.path.join(os.path.dirname(self.path), "rollouts.jsonl")):
             truncate_jsonl(path, lambda r: r["step"] <= (sft_step if r.get("kind") == "sft" else step))
 

@@ -58,18 +58,23 @@ def write_report(run_dir: str) -> str:
                 lines.append(f"- last {k}: {last[k]:.4f}")
     if evals:
         lines += ["", "## Held-out evaluation", "",
-                  "| step | phase | greedy accuracy | pass@k | format rate | mean length |", "|---|---|---|---|---|---|"]
+                  "| step | phase | greedy accuracy | pass@k | format rate | mean length |",
+                  "|---|---|---|---|---|---|"]
         for r in evals:
-            lines.append(f"| {r['step']} | {r.get('phase', '')} | {r.get('val/accuracy', float('nan')):.3f} | "
-                         f"{r.get('val/pass_at_k', float('nan')):.3f} | {r.get('val/format_rate', float('nan')):.3f} | "
+            lines.append(f"| {r['step']} | {r.get('phase', '')} | "
+                         f"{r.get('val/accuracy', float('nan')):.3f} | "
+                         f"{r.get('val/pass_at_k', float('nan')):.3f} | "
+                         f"{r.get('val/format_rate', float('nan')):.3f} | "
                          f"{r.get('val/response_length', float('nan')):.1f} |")
         first, last = evals[0], evals[-1]
-        lines += ["", f"Greedy accuracy went from {first.get('val/accuracy', 0):.3f} ({first.get('phase', 'start')}) "
-                      f"to {last.get('val/accuracy', 0):.3f} ({last.get('phase', 'end')}, step {last['step']})."]
+        lines += ["", (f"Greedy accuracy went from {first.get('val/accuracy', 0):.3f} "
+                      f"({first.get('phase', 'start')}) to {last.get('val/accuracy', 0):.3f} "
+                      f"({last.get('phase', 'end')}, step {last['step']}).")]
         sft = [r for r in evals if r.get("phase") == "after SFT warm-up"]
         if sft:
-            lines.append(f"After the SFT warm-up alone it was {sft[0].get('val/accuracy', 0):.3f}; the RL steps "
-                         f"moved it by {last.get('val/accuracy', 0) - sft[0].get('val/accuracy', 0):+.3f}.")
+            lines.append(f"After the SFT warm-up alone it was {sft[0].get('val/accuracy', 0):.3f}; "
+                         f"the RL steps moved it by "
+                         f"{last.get('val/accuracy', 0) - sft[0].get('val/accuracy', 0):+.3f}.")
         per_source = sorted(k for k in last if k.startswith("val/accuracy/"))
         if per_source:
             lines += ["", "Per data source (last evaluation):", ""]

@@ -20,7 +20,8 @@ init = tv / "__init__.py"
 src = init.read_text()
 old = "from torchvision import (\n    _autograd_registrations,\n    _meta_registrations,\n    datasets,"
 new = (
-    "if extension._has_ops():\n    from torchvision import _autograd_registrations, _meta_registrations  # noqa\n"
+    "if extension._has_ops():\n"
+    "    from torchvision import _autograd_registrations, _meta_registrations  # noqa\n"
     "from torchvision import (\n    datasets,"
 )
 if old in src:

@@ -68,3 +68,15 @@ def test_sft_allows_single_sample():
 def test_every_shipped_config_loads_and_validates(path):
     overlays = [path] if "baselines" not in path else ["configs/cpu_demo.yaml", path]
     validate(load_config(overlays))
+
+
+def test_every_baseline_and_ablation_overlay_is_a_valid_demo_config():
+    import glob
+
+    from calibrl.algo import METHODS
+
+    paths = sorted(glob.glob("configs/baselines/*.yaml") + glob.glob("configs/ablations/*.yaml"))
+    assert len(paths) >= 12
+    for path in paths:
+        cfg = validate(load_config(["configs/cpu_demo.yaml", path]))
+        assert cfg.algorithm.name in METHODS, path

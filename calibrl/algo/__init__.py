@@ -1,12 +1,13 @@
-"""CalibRL and its baselines as pure tensor functions (shared ALGORITHM.md, sections 1-6).
+"""CalibRL and its baselines as pure tensor functions (docs/algorithm.md, sections 1-6).
 
 Public API (the project's learner and driver use exactly these):
 
 - reward (section 1): `verify(response, answer, *, pass_threshold=0.1) -> Verdict`
 - advantages (section 2): `group_advantages`, DAPO's `overlong_penalty` and `informative_groups`
 - losses (sections 3-5): `calibrl_loss`, `ppo_loss` (GRPO / Dr.GRPO / DAPO), `sft_loss`, `luffy_loss`,
-  `rlplus_loss`, `agg_loss`, `dual_clip_pg`, `calibration_term`, `k3_kl`; batch-level
-  `POLICY_LOSSES[name]`, `compute_loss`, `loss_token_mask`, `loss_normalizers`
+  `rlplus_loss`, `agg_loss`, `dual_clip_pg`, `calibration_term`, `k3_kl`
+- the method table: `METHODS[name]` (loss, knobs, loss rows, expert rows, expert in baseline,
+  needs rollouts), `compute_loss`, `loss_token_mask`, `loss_normalizers`
 - mixup (section 6): `MIXUP_POLICIES`
 - data and the calibration stage: `Response`, `ExpertTrajectory`, `Group`, `TrainBatch`,
   `CalibrationStage`, `attach_expert_logprobs`
@@ -18,33 +19,42 @@ from calibrl.algo.batch import ExpertTrajectory, Group, Response, TrainBatch, at
 from calibrl.algo.calibration import CalibrationStage
 from calibrl.algo.entropy import entropy_from_logits, logprobs_from_logits
 from calibrl.algo.losses import (
+                                 BASELINES,
                                  LOSS_AGGS,
-                                 LOSS_ROWS,
-                                 POLICY_LOSSES,
                                  agg_loss,
                                  calibration_term,
                                  calibrl_loss,
-                                 compute_loss,
                                  dual_clip_pg,
                                  k3_kl,
-                                 loss_normalizers,
-                                 loss_token_mask,
                                  luffy_loss,
                                  ppo_loss,
                                  rlplus_loss,
                                  sft_loss,
 )
+from calibrl.algo.methods import (
+                                 DEFAULT_METHOD,
+                                 METHODS,
+                                 SFT_WARMUP_METHOD,
+                                 Method,
+                                 compute_loss,
+                                 has_signal,
+                                 loss_normalizers,
+                                 loss_token_mask,
+)
 from calibrl.algo.mixup import MIXUP_POLICIES
 from calibrl.algo.reward import Verdict, verify
 
 __all__ = [
+                                 "BASELINES",
+                                 "DEFAULT_METHOD",
                                  "LOSS_AGGS",
-                                 "LOSS_ROWS",
+                                 "METHODS",
                                  "MIXUP_POLICIES",
-                                 "POLICY_LOSSES",
+                                 "SFT_WARMUP_METHOD",
                                  "CalibrationStage",
                                  "ExpertTrajectory",
                                  "Group",
+                                 "Method",
                                  "Response",
                                  "TrainBatch",
                                  "Verdict",
@@ -57,7 +67,8 @@ __all__ = [
                                  "entropy_from_logits",
                                  "group_advantages",
                                  "group_stats",
-                                 "informative_groups",
+                                 "has_signal",
+    "informative_groups",
                                  "k3_kl",
                                  "logprobs_from_logits",
                                  "loss_normalizers",

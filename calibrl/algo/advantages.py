@@ -1,4 +1,4 @@
-"""Section 2 of ALGORITHM.md (distribution-aware group advantage) and DAPO's reward-side pieces.
+"""Section 2 of docs/algorithm.md (distribution-aware group advantage) and DAPO's reward-side pieces.
 
 `group_advantages`: A_i = r_i - mean_g(r), optionally divided by (unbiased std_g(r) + eps), where the
 group statistics run over the group's on-policy rows only; expert rows get r - baseline as well

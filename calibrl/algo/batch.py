@@ -1,15 +1,16 @@
 """What flows from rollout to learner: completed groups in, one padded training batch out.
 
 `Response`, `ExpertTrajectory` and `Group` are what the driver hands the calibration stage (one
-group per prompt, section "Setting" of ALGORITHM.md); `TrainBatch` is what the learner trains on,
+group per prompt, section "Setting" of docs/algorithm.md); `TrainBatch` is what the learner trains on,
 with per-token (B, T) fields kept apart from per-sequence (B,) fields. Row order: each group's
 on-policy responses, then its kept experts, group after group.
 
 `attach_expert_logprobs` implements section 4's b_t: once the learner has computed pi_old log-probs
-for every row (experts included), each row gets its group's first kept expert's log-probs at the
-same positions, zero past the expert's end, and their mean over the expert's own length (the
-`sequence` baseline). With more than one expert per group, the first kept one is the baseline; the
-others are plain rows (used by SFT, LUFFY and RL-PLUS).
+for every row (experts included), each row gets its group's kept expert's log-probs at the same
+positions, zero past the expert's end, and their mean over the expert's own length (the
+`sequence` baseline). With several experts per group (`algorithm.experts_per_group`), b_t is
+their mean over the experts that reach position t, and the sequence baseline the mean of their
+means (the paper keeps one expert per group; this is calibrl's extension).
 """
 
 from __future__ import annotations
@@ -159,17 +160,28 @@ def attach_expert_logprobs(batch: TrainBatch, old_logp: Tensor) -> TrainBatch:
     """Set batch.old_logp and build every row's expert baseline from the learner's pi_old log-probs.
 
     old_logp: (B, T) float32 for ALL rows (experts included), zeros or anything on padding.
-    Sets old_logp (masked), expert_old_logp[i] = old_logp[expert_row[i]] * its mask (zero past the
-    expert's end) and expert_mean_logp[i] = that row's mean over the expert's length; rows without
-    an expert get zeros. Modifies and returns `batch`. Call it on the assembled batch (or on pieces
-    that keep each group with its expert), then split: a piece without its group's expert row cannot
-    build that group's baseline.
+    Sets old_logp (masked); expert_old_logp[i] = at each position t, the mean of old_logp over the
+    kept experts of row i's group that reach t (zero where none does: one expert gives the
+    reference's b_t, zero past its end); expert_mean_logp[i] = the mean over those experts of each
+    one's mean over its own length. Rows without an expert get zeros. Modifies and returns `batch`.
+    Call it on the assembled batch (or on pieces that keep each group with its experts), then split:
+    a piece without its group's expert rows cannot build that group's baseline.
     """
     if bool((batch.has_expert & (batch.expert_row < 0)).any()):
-        raise ValueError("some rows' expert row is not in this batch: attach expert log-probs before splitting")
+        raise ValueError("some rows' expert row is not in this batch: "
+                         "attach expert log-probs before splitting")
     batch.old_logp = old_logp * batch.response_mask
-    src = batch.expert_row.clamp(min=0)
-    batch.expert_old_logp = batch.old_logp.index_select(0, src).mul_(batch.has_expert.unsqueeze(-1))
-    expert_len = batch.response_length[src].clamp(min=1).to(old_logp.dtype)
-    batch.expert_mean_logp = batch.expert_old_logp.sum(-1) / expert_len
+    experts = batch.is_expert
+    groups = int(batch.group_index.max()) + 1 if len(batch) else 0
+    g = batch.group_index[experts]
+    width, dtype = old_logp.shape[-1], old_logp.dtype
+    # per group: sum of the experts' log-probs and the number of experts reaching each position
+    sums = torch.zeros(groups, width, dtype=dtype).index_add_(0, g, batch.old_logp[experts])
+    cover = torch.zeros(groups, width, dtype=dtype).index_add_(0, g, batch.response_mask[experts].to(dtype))
+    lengths = batch.response_length[experts].clamp(min=1).to(dtype)
+    seq_sums = torch.zeros(groups, dtype=dtype).index_add_(0, g, batch.old_logp[experts].sum(-1) / lengths)
+    count = torch.zeros(groups, dtype=dtype).index_add_(0, g, torch.ones_like(lengths))
+    with_expert = batch.has_expert.to(dtype)
+    batch.expert_old_logp = (sums / cover.clamp(min=1))[batch.group_index] * with_expert.unsqueeze(-1)
+    batch.expert_mean_logp = (seq_sums / count.clamp(min=1))[batch.group_index] * with_expert
     return batch

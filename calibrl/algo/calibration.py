@@ -1,6 +1,6 @@
 """The calibration stage: completed groups in, one padded `TrainBatch` plus metrics out.
 
-It ties sections 2 and 6 of ALGORITHM.md (and DAPO's reward-side pieces) to the data: the driver
+It ties sections 2 and 6 of docs/algorithm.md (and DAPO's reward-side pieces) to the data: the driver
 calls `add(group)` as each group comes back from rollout + verification (converting that group's
 token lists to arrays there, overlapping the wait for the next group), then `assemble()` once. At
 assembly, with tensor ops over all rows:
@@ -76,8 +76,9 @@ class CalibrationStage:
     seed (the per-group uniform draws of the `random` policy).
     """
 
-    def __init__(self, *, pad_token_id: int, mixup: str = "random", mix_ratio: float = 1.0, pass_low: float = 0.0,
-                 pass_high: float = 1.0, experts_per_group: int = 1, expert_in_baseline: bool = False,
+    def __init__(self, *, pad_token_id: int, mixup: str = "random", mix_ratio: float = 1.0,
+                 pass_low: float = 0.0, pass_high: float = 1.0, experts_per_group: int = 1,
+                 expert_in_baseline: bool = False,
                  expert_reward: float = 1.1, std_normalize: bool = False, eps: float = 1e-6,
                  dynamic_sampling: bool = False, max_response_length: int | None = None,
                  overlong_buffer_tokens: int = 0, overlong_penalty: float = 1.0, seed: int = 0):
@@ -129,7 +130,8 @@ class CalibrationStage:
             images=list(group.images),
             response_ids=response_ids,
             response_logp=response_logp,
-            expert_ids=[np.asarray(e.token_ids, dtype=np.int64) for e in group.experts[:self.experts_per_group]],
+            expert_ids=[np.asarray(e.token_ids, dtype=np.int64)
+                        for e in group.experts[:self.experts_per_group]],
             rewards=[v.reward for v in group.verdicts],
             accuracy=[v.accuracy for v in group.verdicts],
             format_ok=[v.format_ok for v in group.verdicts],
@@ -152,13 +154,14 @@ class CalibrationStage:
 
         pass_rate = torch.tensor([p.pass_rate for p in groups], dtype=torch.float32)
         uniform = torch.tensor([p.uniform for p in groups], dtype=torch.float32)
-        keep = MIXUP_POLICIES[self.mixup](pass_rate, uniform, mix_ratio=self.mix_ratio, pass_low=self.pass_low,
-                                          pass_high=self.pass_high).tolist()
+        keep = MIXUP_POLICIES[self.mixup](pass_rate, uniform, mix_ratio=self.mix_ratio,
+                                          pass_low=self.pass_low, pass_high=self.pass_high).tolist()
 
         # per-row columns, group by group: on-policy responses, then kept experts
         ids_arrays: list[np.ndarray] = []
         logp_arrays: list[np.ndarray] = []
-        n_resp, n_exp, rewards, accuracy, format_ok, passed, truncated, version = [], [], [], [], [], [], [], []
+        n_resp, n_exp, rewards, accuracy, format_ok, passed, truncated, version = (
+            [], [], [], [], [], [], [], [])
         for p, keep_expert in zip(groups, keep):
             experts = p.expert_ids if keep_expert else []
             ids_arrays += p.response_ids + experts

@@ -1,13 +1,12 @@
-"""Sections 3-5 of ALGORITHM.md (dual-clip policy gradient, calibration term with the expert as
+"""Sections 3-5 of docs/algorithm.md (dual-clip policy gradient, calibration term with the expert as
 baseline, total loss) and the baselines' policy losses (GRPO, Dr.GRPO, DAPO, SFT, LUFFY, RL-PLUS).
 
 Two layers:
 - tensor functions (`calibrl_loss`, `ppo_loss`, `sft_loss`, `luffy_loss`, `rlplus_loss`,
   `agg_loss`, `dual_clip_pg`, `calibration_term`) take (B, T) / (B,) tensors and numbers as
   keywords; anyone with their own trainer can call them;
-- `POLICY_LOSSES[name](logp, batch, **knobs)` takes a `TrainBatch` and the same keyword set for
-  every name (each ignores knobs its method has no use for), and `compute_loss` adds the optional
-  entropy bonus and KL penalty. The learner calls `compute_loss`.
+- batch-level adapters and `compute_loss` live in `calibrl.algo.methods`, whose `METHODS` table
+  says which loss each method uses and which rows it averages over.
 
 Normalisers. Every loss takes `global_tokens` (token-mean) and `global_seqs` (seq-mean-*): the
 number of loss tokens / loss sequences in the whole (mini-)batch, counted by `loss_normalizers`.
@@ -33,14 +32,17 @@ Departures from the paper / reference code:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import NamedTuple, Protocol
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+BASELINES = ("token", "sequence")
+CALIB_WEIGHTS = ("abs_advantage", "unit")
+NO_EXPERT_BASELINES = ("none", "zero")
+"""Expert baselines of the calibration term: position-aligned token log-probs, or the expert's mean."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +111,8 @@ def _dual_clip(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low: 
         # value of max(-A rho, -A clip(rho)) then min(., -A c) for A < 0, in place on one buffer
         value = ratio.detach().clamp(1.0 - clip_low, 1.0 + clip_high).mul_(neg_adv)
         torch.maximum(value, unclipped, out=value)
-        cap = torch.where(advantages < 0, -advantages * clip_ratio_c, torch.full_like(advantages, float("inf")))
+        cap = torch.where(advantages < 0, -advantages * clip_ratio_c,
+                          torch.full_like(advantages, float("inf")))
         torch.minimum(value, cap.unsqueeze(-1), out=value)
         clipped = value != unclipped
     # where() keeps -A rho's gradient where no clip is active (ties included, as the max/min would)
@@ -126,7 +129,8 @@ def dual_clip_pg(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low
     is computed without a graph and the gradient flows through -A rho where no clip is active: the
     gradient of the max/min expression, without the cost of their backward passes.
     """
-    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
+    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
+                    clip_ratio_c=clip_ratio_c)
     return pg.loss, pg.ratio
 
 
@@ -159,6 +163,20 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
 # tensor-level losses
 
 
+def _gradient_shares(logp: Tensor, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+    """{"grad_sq_<term>"}: the squared norm of each loss term's gradient with respect to the token
+    log-probs (B, T), a cheap proxy for its share of the weight gradient (one backward through the
+    loss expression only, not the model). Squared norms over disjoint tokens add up over
+    micro-batches and shards; `calibrl.algo.metrics.gradient_shares` turns them into shares."""
+    if not logp.requires_grad:
+        return {}
+    out = {}
+    for name, term in terms.items():
+        (grad,) = torch.autograd.grad(term, logp, retain_graph=True, allow_unused=True)
+        out[f"grad_sq_{name}"] = grad.pow(2).sum().detach() if grad is not None else logp.new_zeros(())
+    return out
+
+
 def _pg_metrics(pg: _PG, advantages: Tensor, mask_b: Tensor, maskf: Tensor, num_tokens: Tensor,
                 denom: Tensor | float, *, clip_ratio_c: float) -> dict[str, Tensor]:
     """Clip fractions and k3 KL over masked tokens, divided by `denom` (no grad).
@@ -179,10 +197,10 @@ def _pg_metrics(pg: _PG, advantages: Tensor, mask_b: Tensor, maskf: Tensor, num_
     }
 
 
-def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor, *,
-             clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float = 3.0, agg: str = "token-mean",
-             global_tokens: float | None = None, global_seqs: float | None = None,
-             norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor,
+             is_expert: Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float = 3.0,
+             agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
+             norm_length: int | None = None, diagnostics: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO / Dr.GRPO / DAPO policy loss: section 3's dual-clip PG over on-policy rows, aggregated.
 
     logp, old_logp: (B, T) float; response_mask: (B, T) bool; advantages: (B,) float; is_expert:
@@ -192,11 +210,13 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: 
     mask_b = response_mask & ~is_expert.unsqueeze(-1)
     mask = mask_b.to(logp.dtype)
     num_tokens = mask_b.sum().to(logp.dtype)
-    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
-    loss = agg_loss(pg.loss, mask, agg=agg, global_tokens=_or(global_tokens, num_tokens), global_seqs=global_seqs,
-                    norm_length=norm_length)
+    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
+                    clip_ratio_c=clip_ratio_c)
+    loss = agg_loss(pg.loss, mask, agg=agg, global_tokens=_or(global_tokens, num_tokens),
+                    global_seqs=global_seqs, norm_length=norm_length)
+    metrics = _gradient_shares(logp, {"pg": loss}) if diagnostics else {}
     with torch.no_grad():
-        metrics = {"pg_loss": loss.detach()}
+        metrics["pg_loss"] = loss.detach()
         metrics.update(_pg_metrics(pg, advantages, mask_b, mask, num_tokens, _or(global_tokens, num_tokens),
                                    clip_ratio_c=clip_ratio_c))
     return loss, metrics
@@ -207,7 +227,8 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
                  clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, agg: str = "token-mean",
                  baseline: str = "token", expert_mean_logp: Tensor | None = None,
                  has_expert: Tensor | None = None, global_tokens: float | None = None,
-                 global_seqs: float | None = None, norm_length: int | None = None
+                 global_seqs: float | None = None, norm_length: int | None = None, diagnostics: bool = False,
+                 calib_weight: str = "abs_advantage", no_expert_baseline: str = "none"
                  ) -> tuple[Tensor, dict[str, Tensor]]:
     """Sections 3-5: L = agg(dual-clip PG) + lam * agg(calibration term), over on-policy tokens.
 
@@ -218,10 +239,16 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
     own length (`attach_expert_logprobs` fills both). has_expert: (B,) bool, rows whose group kept
     an expert (default: all); other rows get no calibration term. Expert rows contribute nothing.
 
+    Ablations (docs/algorithm.md, section 4): calib_weight `abs_advantage` (|A_i|, the paper) or
+    `unit` (weight 1 on every row, A = 0 groups included); no_expert_baseline `none` (rows whose
+    group dropped its expert get no calibration term) or `zero` (they get b_t = 0, as in the
+    reference code). ReLU and identity in place of the LeakyReLU are alpha = 0 and alpha = 1.
+
     Metrics: pg_loss, calib_loss, pg_clipfrac_upper/lower, dual_clip_frac, approx_kl (k3, old vs
     current), calib_branch_full_frac / calib_branch_alpha_frac (fractions of on-policy tokens on
     the slope-1 / slope-alpha branch; tokens with A = 0 or no expert are on neither),
-    expert_policy_gap (sum of b_t - logp_t over on-policy tokens with an expert, per on-policy token).
+    expert_policy_gap (sum of b_t - logp_t over on-policy tokens with an expert, per on-policy token);
+    with `diagnostics`, grad_sq_pg / grad_sq_calib (see `_gradient_shares`).
     """
     mask_b = response_mask & ~is_expert.unsqueeze(-1)
     mask = mask_b.to(logp.dtype)
@@ -235,20 +262,29 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
         b = expert_mean_logp.unsqueeze(-1)
     else:
         raise ValueError(f"unknown expert baseline {baseline!r}; choose token or sequence")
-    calib_adv = advantages if has_expert is None else advantages * has_expert.to(advantages.dtype)
+    if calib_weight not in CALIB_WEIGHTS or no_expert_baseline not in NO_EXPERT_BASELINES:
+        raise ValueError(f"calib_weight={calib_weight!r} (choose {CALIB_WEIGHTS}), no_expert_baseline="
+                         f"{no_expert_baseline!r} (choose {NO_EXPERT_BASELINES})")
+    # |A_i| (or 1) on the rows where the term acts; _calibration_parts takes |.| of it
+    calib_adv = advantages.abs() if calib_weight == "abs_advantage" else torch.ones_like(advantages)
+    if has_expert is not None and no_expert_baseline == "none":
+        calib_adv = calib_adv * has_expert.to(advantages.dtype)
 
-    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
+    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
+                    clip_ratio_c=clip_ratio_c)
     calib, u, gap = _calibration_parts(logp, b, calib_adv, passed, alpha=alpha)
     norms = {"agg": agg, "global_tokens": _or(global_tokens, num_tokens), "global_seqs": global_seqs,
              "norm_length": norm_length}
     pg_loss = agg_loss(pg.loss, mask, **norms)
     calib_loss = agg_loss(calib, mask, **norms)
     loss = pg_loss + lam * calib_loss
+    metrics = _gradient_shares(logp, {"pg": pg_loss, "calib": lam * calib_loss}) if diagnostics else {}
 
     with torch.no_grad():
         denom = _or(global_tokens, num_tokens)
-        metrics = {"pg_loss": pg_loss.detach(), "calib_loss": calib_loss.detach()}
-        metrics.update(_pg_metrics(pg, advantages, mask_b, mask, num_tokens, denom, clip_ratio_c=clip_ratio_c))
+        metrics |= {"pg_loss": pg_loss.detach(), "calib_loss": calib_loss.detach()}
+        metrics.update(_pg_metrics(pg, advantages, mask_b, mask, num_tokens, denom,
+                                   clip_ratio_c=clip_ratio_c))
         acting = (calib_adv != 0).to(mask.dtype)  # rows where the term acts (|A| > 0, an expert)
         full = torch.count_nonzero(torch.gt(u, 0).logical_and_(mask_b))
         metrics["calib_branch_full_frac"] = full / denom
@@ -278,23 +314,27 @@ def _mixed_policy_loss(expert_token_loss: Tensor, logp: Tensor, old_logp: Tensor
     on_b = response_mask & ~expert_b
     off_b = response_mask & expert_b
     on_mask, off_mask = on_b.to(logp.dtype), off_b.to(logp.dtype)
-    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c)
+    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
+                    clip_ratio_c=clip_ratio_c)
     num_on = on_b.sum().to(logp.dtype)
     # one normaliser for both parts: all loss tokens (sequences) of this call unless given
     global_tokens = _or(global_tokens, num_on + off_b.sum())
     global_seqs = _or(global_seqs, response_mask.any(-1).sum())
-    norms = {"agg": agg, "global_tokens": global_tokens, "global_seqs": global_seqs, "norm_length": norm_length}
+    norms = {"agg": agg, "global_tokens": global_tokens, "global_seqs": global_seqs,
+             "norm_length": norm_length}
     on_loss = agg_loss(pg.loss, on_mask, **norms)
     off_loss = agg_loss(expert_token_loss, off_mask, **norms)
     with torch.no_grad():
         metrics = {"pg_loss": on_loss.detach(), "expert_pg_loss": off_loss.detach()}
-        metrics.update(_pg_metrics(pg, advantages, on_b, on_mask, num_on, global_tokens, clip_ratio_c=clip_ratio_c))
+        metrics.update(_pg_metrics(pg, advantages, on_b, on_mask, num_on, global_tokens,
+                                   clip_ratio_c=clip_ratio_c))
     return on_loss + off_loss, metrics
 
 
-def luffy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor, *,
-               clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float = 3.0, shaping_gamma: float = 0.1,
-               agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
+def luffy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor,
+               is_expert: Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float = 3.0,
+               shaping_gamma: float = 0.1, agg: str = "token-mean", global_tokens: float | None = None,
+               global_seqs: float | None = None,
                norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """LUFFY: on-policy rows the dual-clip PG; expert rows -A * f(p), f(p) = p / (p + gamma), p =
     exp(logp), unclipped, gradient through p. Shapes as `ppo_loss`; the normaliser counts the
@@ -306,9 +346,10 @@ def luffy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask
                               global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
 
 
-def rlplus_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor, *,
-                clip_low: float = 0.2, clip_high: float = 0.2, clip_ratio_c: float = 3.0, focus_exponent: float = 0.5,
-                agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
+def rlplus_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor,
+                is_expert: Tensor, *, clip_low: float = 0.2, clip_high: float = 0.2,
+                clip_ratio_c: float = 3.0, focus_exponent: float = 0.5, agg: str = "token-mean",
+                global_tokens: float | None = None, global_seqs: float | None = None,
                 norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """RL-PLUS: on-policy rows the dual-clip PG; expert tokens -A * w with
     w = 2p / (p_old + 0.5 (p_old + 1)) * sg[(1 - p)^focus_exponent], p = exp(logp),
@@ -320,136 +361,3 @@ def rlplus_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mas
     return _mixed_policy_loss(expert_loss, logp, old_logp, advantages, response_mask, is_expert,
                               clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=agg,
                               global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
-
-
-# ---------------------------------------------------------------------------------------------
-# batch-level entries: one keyword set for every name
-
-
-class LossBatch(Protocol):
-    """The `TrainBatch` fields the losses read."""
-
-    old_logp: Tensor
-    expert_old_logp: Tensor
-    expert_mean_logp: Tensor
-    response_mask: Tensor
-    advantages: Tensor
-    is_expert: Tensor
-    passed: Tensor
-    has_expert: Tensor
-
-
-def _calibrl(logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
-             clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
-             agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
-             norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    return calibrl_loss(logp, batch.old_logp, batch.advantages, batch.response_mask, batch.is_expert,
-                        batch.passed, batch.expert_old_logp, clip_low=clip_low, clip_high=clip_high,
-                        clip_ratio_c=clip_ratio_c, alpha=alpha, lam=lam, agg=agg, baseline=baseline,
-                        expert_mean_logp=batch.expert_mean_logp, has_expert=batch.has_expert,
-                        global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
-
-
-def _ppo(logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
-         clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
-         agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
-         norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    return ppo_loss(logp, batch.old_logp, batch.advantages, batch.response_mask, batch.is_expert,
-                    clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=agg,
-                    global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
-
-
-def _sft(logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
-         clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
-         agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
-         norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    return sft_loss(logp, batch.response_mask, batch.is_expert, agg=agg, global_tokens=global_tokens,
-                    global_seqs=global_seqs, norm_length=norm_length)
-
-
-def _luffy(logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
-           clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
-           agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
-           norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    return luffy_loss(logp, batch.old_logp, batch.advantages, batch.response_mask, batch.is_expert,
-                      clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=agg,
-                      global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
-
-
-def _rlplus(logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
-            clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
-            agg: str = "token-mean", global_tokens: float | None = None, global_seqs: float | None = None,
-            norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    return rlplus_loss(logp, batch.old_logp, batch.advantages, batch.response_mask, batch.is_expert,
-                       clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, agg=agg,
-                       global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
-
-
-PolicyLoss = Callable[..., tuple[Tensor, dict[str, Tensor]]]
-
-POLICY_LOSSES: dict[str, PolicyLoss] = {
-    "calibrl": _calibrl,
-    "grpo": _ppo,
-    "drgrpo": _ppo,
-    "dapo": _ppo,
-    "sft": _sft,
-    "sft_grpo": _ppo,  # the RL phase; the driver uses "sft" during trainer.sft_warmup_steps
-    "luffy": _luffy,
-    "rlplus": _rlplus,
-}
-"""name -> fn(logp, batch, *, clip_low, clip_high, clip_ratio_c, alpha, lam, baseline, agg,
-global_tokens, global_seqs, norm_length) -> (loss, metrics). grpo, drgrpo, dapo and sft_grpo share
-the dual-clip PG loss: they differ in advantages, agg and clip_high, which the
-config sets (see the module docstring)."""
-
-LOSS_ROWS: dict[str, str] = {
-    "calibrl": "on_policy", "grpo": "on_policy", "drgrpo": "on_policy", "dapo": "on_policy",
-    "sft_grpo": "on_policy", "sft": "expert", "luffy": "all", "rlplus": "all",
-}
-"""Which rows each loss averages over: on-policy rows, expert rows, or all rows."""
-
-def loss_token_mask(name: str, batch: LossBatch) -> Tensor:
-    """(B, T) bool: the tokens the loss `name` averages over."""
-    rows = LOSS_ROWS[name]
-    if rows == "all":
-        return batch.response_mask
-    selected = batch.is_expert if rows == "expert" else ~batch.is_expert
-    return batch.response_mask & selected.unsqueeze(-1)
-
-
-def loss_normalizers(name: str, batch: LossBatch) -> dict[str, float]:
-    """{"global_tokens", "global_seqs"} of the loss `name` over `batch` (call it on the whole
-    mini-batch before splitting; under data parallelism sum these counts over the ranks' shards)."""
-    mask = loss_token_mask(name, batch)
-    return {"global_tokens": float(mask.sum()), "global_seqs": float(mask.any(-1).sum())}
-
-
-def compute_loss(name: str, logp: Tensor, batch: LossBatch, *, clip_low: float = 0.2, clip_high: float = 0.2,
-                 clip_ratio_c: float = 3.0, alpha: float = 0.5, lam: float = 0.1, baseline: str = "token",
-                 agg: str = "token-mean", entropy: Tensor | None = None, entropy_coef: float = 0.0,
-                 kl_coef: float = 0.0, global_tokens: float | None = None, global_seqs: float | None = None,
-                 norm_length: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-    """The learner's entry: POLICY_LOSSES[name] + kl_coef * agg(k3 KL to old_logp)
-    - entropy_coef * agg(entropy), all over `loss_token_mask(name, batch)` with the same normalisers.
-
-    logp: (B, T) current log-probs of batch.response_ids; entropy: (B, T) (needed when
-    entropy_coef > 0; logged as `entropy` when given). Returns (loss, metrics incl. "loss").
-    """
-    loss, metrics = POLICY_LOSSES[name](
-        logp, batch, clip_low=clip_low, clip_high=clip_high, clip_ratio_c=clip_ratio_c, alpha=alpha, lam=lam,
-        baseline=baseline, agg=agg, global_tokens=global_tokens, global_seqs=global_seqs, norm_length=norm_length)
-    norms = {"agg": agg, "global_tokens": global_tokens, "global_seqs": global_seqs, "norm_length": norm_length}
-    mask = loss_token_mask(name, batch)
-    if kl_coef > 0:
-        kl = agg_loss(k3_kl(logp, batch.old_logp), mask, **norms)
-        loss = loss + kl_coef * kl
-        metrics["kl_loss"] = kl.detach()
-    if entropy is not None:
-        ent = agg_loss(entropy, mask, **norms)
-        if entropy_coef > 0:
-            loss = loss - entropy_coef * ent
-        metrics["entropy"] = ent.detach()
-    elif entropy_coef > 0:
-        raise ValueError("entropy_coef > 0 needs the per-token entropy")
-    metrics["loss"] = loss.detach()
-    return loss, metrics

@@ -1,4 +1,4 @@
-"""Section 6 of ALGORITHM.md: whether each group keeps its expert row (mixup policies).
+"""Section 6 of docs/algorithm.md: whether each group keeps its expert row (mixup policies).
 
 Every policy has the signature `policy(pass_rate, uniform, *, mix_ratio, pass_low, pass_high)` and
 is vectorised over groups: pass_rate, uniform: (G,) float (uniform: one U[0, 1) draw per group,

@@ -1,4 +1,4 @@
-"""Section 1 of ALGORITHM.md: the verifiable reward r = acc + 0.1 * fmt.
+"""Section 1 of docs/algorithm.md: the verifiable reward r = acc + 0.1 * fmt.
 
 `verify(response, answer)` returns a `Verdict`. Format: the stripped response must match
 `^<think>.*?</think>.*?<answer>.*?</answer>$` (dot matches newlines). Accuracy: the text inside the
@@ -33,7 +33,8 @@ from dataclasses import dataclass
 FORMAT_WEIGHT = 0.1
 FORMAT_RE = re.compile(r"^<think>.*?</think>.*?<answer>.*?</answer>$", re.DOTALL)
 GOLD_LETTER_RE = re.compile(r"^\(?([A-Z])\)?\.?$")
-PRED_LETTER_RE = re.compile(r"^(?:(?:option|choice|answer)\s*:?\s*)?\(?([A-Za-z])\)?(?=$|[\s.:,)])", re.IGNORECASE)
+PRED_LETTER_RE = re.compile(r"^(?:(?:option|choice|answer)\s*:?\s*)?\(?([A-Za-z])\)?(?=$|[\s.:,)])",
+                            re.IGNORECASE)
 
 _TEXT_CMD_RE = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox|operatorname)\s*\{([^{}]*)\}")
 _DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|\\degree|°|\bdegrees?\b")
@@ -111,7 +112,8 @@ def _symbolic_equal(pred: str, gold: str, timeout_s: int | None) -> bool:
         if not gold_parsed or not pred_parsed:
             return False
         return bool(mv_verify(gold_parsed, pred_parsed, timeout_seconds=timeout_s))
-    except Exception:  # noqa: BLE001 -- math-verify raises many kinds on malformed input and on timeout: not equal
+    except Exception:  # noqa: BLE001
+        # math-verify raises many kinds on malformed input and on timeout: not equal
         return False
 
 
@@ -144,7 +146,8 @@ def verify(response: str, answer: str, *, pass_threshold: float = 0.1, max_answe
     start = text.rfind("<answer>", 0, end) if end >= 0 else -1
     accuracy = 0.0
     if start >= 0:
-        accuracy = answer_accuracy(text[start + len("<answer>"):end], answer, max_answer_chars=max_answer_chars,
-                                   max_nesting=max_nesting, timeout_s=timeout_s)
+        accuracy = answer_accuracy(text[start + len("<answer>"):end], answer,
+                                   max_answer_chars=max_answer_chars, max_nesting=max_nesting,
+                                   timeout_s=timeout_s)
     reward = accuracy + FORMAT_WEIGHT * float(format_ok)
     return Verdict(reward=reward, accuracy=accuracy, format_ok=format_ok, passed=reward > pass_threshold)

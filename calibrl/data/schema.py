@@ -8,13 +8,12 @@ cheap to put in Ray's object store.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from calibrl.data.parquet_io import write_parquet_atomic
 from calibrl.data.prompts import IMAGE_PLACEHOLDER
 
 EXAMPLE_SCHEMA = pa.schema([
@@ -52,21 +51,9 @@ def examples_to_table(examples: Sequence[Example]) -> pa.Table:
 
 
 def write_examples(path: str | os.PathLike, examples: Sequence[Example], *, row_group_rows: int = 512) -> str:
-    """Write examples to parquet atomically (temp file in the same directory, then os.replace).
+    """Write examples to parquet atomically (`write_parquet_atomic`: temp file in the same directory,
+    fsync, then os.replace).
 
     Row groups of `row_group_rows` keep later batched reads from holding a whole file in memory.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        pq.write_table(examples_to_table(examples), tmp, row_group_size=row_group_rows)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    return write_parquet_atomic(path, examples_to_table(examples), row_group_size=row_group_rows)

@@ -11,7 +11,7 @@ import pytest
 import ray
 from transformers import AutoTokenizer
 
-from actors.expert_store import ADDITIONS_FILE, ExpertStore, create_expert_store
+from actors.expert_store import ADDITIONS_FILE, ExpertStore
 from calibrl.config import Config
 from calibrl.data import DataError, Example, load_examples, write_examples
 
@@ -23,7 +23,8 @@ EXPERTS = {  # prompt id -> expert trajectories in the file
     "ex-3": ["<think>three</think><answer>3</answer>", "<think>drei</think><answer>3</answer>"],
     "ex-4": ["<think>four</think><answer>4</answer>"],
 }
-REFERENCE_EXPERTS = {10: "<think>ten</think><answer>10</answer>", 11: "<think>eleven</think><answer>11</answer>"}
+REFERENCE_EXPERTS = {10: "<think>ten</think><answer>10</answer>",
+                     11: "<think>eleven</think><answer>11</answer>"}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +36,8 @@ def dataset(tmp_path_factory) -> list[str]:
     calibrl_path = write_examples(root / "train.parquet", examples, row_group_rows=2)
     message = pa.struct([("role", pa.string()), ("content", pa.string())])
     reference = pa.table({
-        "prompt": pa.array([[{"role": "user", "content": f"q{i}"}] for i in REFERENCE_EXPERTS], pa.list_(message)),
+        "prompt": pa.array([[{"role": "user", "content": f"q{i}"}] for i in REFERENCE_EXPERTS],
+                           pa.list_(message)),
         "reward_model": pa.array([{"ground_truth": str(i)} for i in REFERENCE_EXPERTS],
                                  pa.struct([("ground_truth", pa.string())])),
         "extra_info": pa.array([{"index": i} for i in REFERENCE_EXPERTS], pa.struct([("index", pa.int64())])),
@@ -75,8 +77,8 @@ def test_first_choice_ids_and_tokenisation(dataset, tiny_models, tmp_path):
 
 def test_random_choice_is_seeded_and_varies(dataset, tiny_models, tmp_path):
     def draws(seed):
-        store = ExpertStore(files=dataset, tokenizer_path=tiny_models["tiny-qwen2"], additions_dir=str(tmp_path),
-                            choice="random", seed=seed)
+        store = ExpertStore(files=dataset, tokenizer_path=tiny_models["tiny-qwen2"],
+                            additions_dir=str(tmp_path), choice="random", seed=seed)
         return [tuple(r.text for r in store.get(["ex-1", "ex-0"], k=2)["ex-1"]) for _ in range(20)]
 
     first = draws(0)
@@ -103,7 +105,8 @@ def test_cache_is_bounded(dataset, tiny_models, tmp_path):
 def test_bad_expert_row_names_file_row_and_field(tiny_models, tmp_path):
     path = str(tmp_path / "bad.parquet")
     pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["p", "p"], "answer": ["1", "2"],
-                             "experts": pa.array([["<answer>1</answer>"], ["  "]], pa.list_(pa.string()))}), path)
+                             "experts": pa.array([["<answer>1</answer>"], ["  "]], pa.list_(pa.string()))}),
+                   path)
     store = ExpertStore(files=[path], tokenizer_path=tiny_models["tiny-qwen2"], additions_dir=str(tmp_path))
     assert store.get(["a"], k=1)["a"][0].text == "<answer>1</answer>"
     with pytest.raises(DataError, match=r"bad.parquet row 1, field 'experts'"):
@@ -112,10 +115,11 @@ def test_bad_expert_row_names_file_row_and_field(tiny_models, tmp_path):
 
 def test_additions_persist_across_actor_restart(ray_local, dataset, tiny_models, tmp_path):
     cfg = Config()
-    cfg.data.train_files, cfg.model.path, cfg.trainer.output_dir = dataset, tiny_models["tiny-qwen2"], str(tmp_path)
+    cfg.data.train_files, cfg.model.path, cfg.trainer.output_dir = (dataset, tiny_models["tiny-qwen2"],
+                                                                     str(tmp_path))
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["tiny-qwen2"])
     mine = "<think>my own</think><answer>0</answer>"
-    store = create_expert_store(cfg)
+    store = ExpertStore.from_config(cfg)
     assert ray.get_actor("expert-store") is not None
     assert [r.text for r in ray.get(store.get.remote(["ex-0"], 5))["ex-0"]] == EXPERTS["ex-0"]
     ray.get(store.add.remote("ex-0", mine, "model-x"))
@@ -133,7 +137,7 @@ def test_additions_persist_across_actor_restart(ray_local, dataset, tiny_models,
     assert ray.get(store.state.remote())["additions"] == 2
 
     ray.kill(store)
-    store = create_expert_store(cfg)  # a new actor over the same directory
+    store = ExpertStore.from_config(cfg)  # a new actor over the same directory
     got = ray.get(store.get.remote(["ex-0", "new-prompt"], 5))
     assert [(r.text, r.source) for r in got["ex-0"]] == [(EXPERTS["ex-0"][0], "dataset"), (mine, "model-x")]
     assert [(r.text, r.source) for r in got["new-prompt"]] == [("<answer>n</answer>", "model-y")]

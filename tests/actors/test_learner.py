@@ -30,8 +30,8 @@ def fixed_batch(num_groups=4, n=4, seed=0):
             verdicts.append(Verdict(reward=1.1 if ok else 0.0, accuracy=float(ok), format_ok=ok, passed=ok))
         expert = f"<think>{g}+{g + 1}={2 * g + 1}</think><answer>{2 * g + 1}</answer>"
         experts = [ExpertTrajectory(token_ids=tok(expert).input_ids + [tok.eos_token_id], text=expert)]
-        stage.add(Group(prompt_id=f"p{g}", prompt_token_ids=prompt, answer=str(2 * g + 1), responses=responses,
-                        verdicts=verdicts, experts=experts))
+        stage.add(Group(prompt_id=f"p{g}", prompt_token_ids=prompt, answer=str(2 * g + 1),
+                        responses=responses, verdicts=verdicts, experts=experts))
     batch, _ = stage.assemble()
     return batch
 
@@ -41,24 +41,26 @@ def old_logprobs(learners, batch):
     return gather_rank_rows(results, "logp", tuple(batch.response_ids.shape))
 
 
-LOSS = dict(clip_low=0.2, clip_high=0.2, clip_ratio_c=3.0, alpha=0.5, lam=0.1, agg="token-mean")
+LOSS = {"clip_low": 0.2, "clip_high": 0.2, "clip_ratio_c": 3.0, "alpha": 0.5, "lam": 0.1, "agg": "token-mean"}
 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_train_and_loss_falls(ray_local, tiny_models, stage):
     learners = ActorGroup(Learner, 2, name_prefix=f"learner-z{stage}", num_cpus_per_actor=1,
-                          model_path=tiny_models["tiny-qwen2"], zero_stage=stage, lr=3e-3, micro_batch_per_device=3)
+                          model_path=tiny_models["tiny-qwen2"], zero_stage=stage, lr=3e-3,
+                          micro_batch_per_device=3)
     try:
         batch = fixed_batch()
         attach_expert_logprobs(batch, old_logprobs(learners, batch))
         losses = []
         for _ in range(6):
-            metrics = ray.get(learners.run("train_step", batch, loss_name="sft", loss_kwargs={"agg": "token-mean"}))
-            losses.append(sum(m["train/loss"] for m in metrics))  # each rank holds its share
+            metrics = ray.get(learners.run("train_step", batch, loss_name="sft",
+                                           loss_kwargs={"agg": "token-mean"}))
+            losses.append(sum(m["loss/total"] for m in metrics))  # each rank holds its share
         assert losses[-1] < 0.8 * losses[0], losses
         # the CalibRL loss on the same batch falls too, and the weights the rollout engine would get changed
         before = ray.get(learners.run("full_state_dict"))[0]  # a collective under ZeRO-3: every rank calls it
-        calib = [sum(m["train/loss"] for m in ray.get(learners.run("train_step", batch, loss_name="calibrl",
+        calib = [sum(m["loss/total"] for m in ray.get(learners.run("train_step", batch, loss_name="calibrl",
                                                                        loss_kwargs=LOSS))) for _ in range(4)]
         after = ray.get(learners.run("full_state_dict"))[0]
         assert calib[-1] < calib[0], calib

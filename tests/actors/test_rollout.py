@@ -84,7 +84,8 @@ def test_update_in_place_then_match_transformers(ray_local, tiny_models, tmp_pat
     ray.get(worker.load_weights_from_path.remote(5, shm))
     after = ray.get(worker.generate.remote(requests[:1], greedy))[0]
     assert after.samples[0].weights_version == 5
-    assert list(after.samples[0].token_ids) != list(before.samples[0].token_ids)  # the engine serves the new weights
+    # the engine serves the new weights
+    assert list(after.samples[0].token_ids) != list(before.samples[0].token_ids)
 
     # greedy tokens equal transformers' argmax path, log-probs within 1e-4 (fp32)
     hf_lp = hf_logprobs(model, proc, after, requests[0].images)[0]
@@ -94,7 +95,8 @@ def test_update_in_place_then_match_transformers(ray_local, tiny_models, tmp_pat
     ids = torch.tensor([after.prompt_token_ids])
     vis = image_tensors(proc, requests[0].images) if vl else {}
     with torch.no_grad():
-        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vis, **vl_forward_kwargs(model, ids, ids.shape[1]), max_new_tokens=12,
+        gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **vis,
+                             **vl_forward_kwargs(model, ids, ids.shape[1]), max_new_tokens=12,
                              do_sample=False, eos_token_id=None, pad_token_id=0)
     n = len(after.samples[0].token_ids)
     assert gen[0, ids.shape[1]:ids.shape[1] + n].tolist() == after.samples[0].token_ids.tolist()

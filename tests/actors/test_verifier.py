@@ -8,7 +8,7 @@ import ray
 
 from actors.verifier import VerifierPool, VerifierWorker
 from calibrl.algo.reward import Verdict
-from calibrl.config import VerifierConfig
+from calibrl.config import Config, VerifierConfig
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,8 @@ def fmt(answer: str) -> str:
 
 @pytest.fixture(scope="module")
 def pool(ray_local):
-    p = VerifierPool.from_config(VerifierConfig(num_workers=2, timeout_s=TIMEOUT_S), name_prefix="verifier-test")
+    p = VerifierPool.from_config(Config(verifier=VerifierConfig(num_workers=2, timeout_s=TIMEOUT_S)),
+                              name_prefix="verifier-test")
     yield p
     p.shutdown()
 

@@ -26,8 +26,8 @@ def rollout_worker(ray_local, tiny_models):
 
     def get(which: str):
         if which not in workers:
-            worker = named_actor(RolloutWorker, f"rollout-sync-{which}", num_cpus=1, model_path=tiny_models[which],
-                                 kv_cache_memory_mib=32, max_model_len=512)
+            worker = named_actor(RolloutWorker, f"rollout-sync-{which}", num_cpus=1,
+                                 model_path=tiny_models[which], kv_cache_memory_mib=32, max_model_len=512)
             workers[which] = worker, ray.get(worker.generate.remote(requests_for(which), GREEDY))
         return workers[which]
 
@@ -50,9 +50,12 @@ def sft_batch(worker, which: str, tokenizer, seed: int):
     stage = CalibrationStage(pad_token_id=tokenizer.pad_token_id, mixup="always")
     for e, r in zip(ex, results):
         expert = tokenizer(e.experts[0], add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
-        stage.add(Group(prompt_id=e.id, prompt_token_ids=r.prompt_token_ids, answer=e.answer, responses=r.samples,
-                        verdicts=[Verdict(reward=0.0, accuracy=0.0, format_ok=False, passed=False)] * len(r.samples),
-                        experts=[ExpertTrajectory(token_ids=expert, text=e.experts[0])], images=list(e.images)))
+        stage.add(Group(prompt_id=e.id, prompt_token_ids=r.prompt_token_ids, answer=e.answer,
+                        responses=r.samples,
+                        verdicts=[Verdict(reward=0.0, accuracy=0.0, format_ok=False,
+                                          passed=False)] * len(r.samples),
+                        experts=[ExpertTrajectory(token_ids=expert, text=e.experts[0])],
+                        images=list(e.images)))
     return stage.assemble()[0]
 
 
@@ -75,15 +78,18 @@ def transformers_reference(model_path: str, weights_file: str, result, images: l
     with torch.no_grad():
         greedy = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), **vis,
                                 **vl_forward_kwargs(model, prompt, prompt.shape[1]),
-                                max_new_tokens=tokens.shape[1], do_sample=False, eos_token_id=None, pad_token_id=0)
-        logp, _ = response_logprobs(model, prompt, torch.ones_like(prompt), tokens, torch.ones_like(tokens), **vis)
+                                max_new_tokens=tokens.shape[1], do_sample=False, eos_token_id=None,
+                                pad_token_id=0)
+        logp, _ = response_logprobs(model, prompt, torch.ones_like(prompt), tokens, torch.ones_like(tokens),
+                                    **vis)
     return greedy[0, prompt.shape[1]:], logp[0]
 
 
 CASES = [("tiny-qwen2", 1, 2), ("tiny-qwen2", 2, 3), ("tiny-qwen2.5-vl", 1, 2)]
 
 
-@pytest.mark.parametrize("which,ranks,stage", CASES, ids=["text-1rank-zero2", "text-2ranks-zero3", "vl-1rank-zero2"])
+@pytest.mark.parametrize("which,ranks,stage", CASES,
+                         ids=["text-1rank-zero2", "text-2ranks-zero3", "vl-1rank-zero2"])
 def test_trained_weights_reach_the_engine(ray_local, tiny_models, rollout_worker, which, ranks, stage):
     from transformers import AutoTokenizer
 
@@ -105,7 +111,8 @@ def test_trained_weights_reach_the_engine(ray_local, tiny_models, rollout_worker
         served = ray.get(worker.generate.remote(requests, GREEDY))
         assert [r.samples[0].weights_version for r in served] == [version] * len(requests)
         # the engine no longer serves the initial weights
-        assert any(list(a.samples[0].token_ids) != list(b.samples[0].token_ids) for a, b in zip(served, initial))
+        assert any(list(a.samples[0].token_ids) != list(b.samples[0].token_ids)
+                   for a, b in zip(served, initial))
         for request, result in zip(requests, served):
             greedy, logp = transformers_reference(path, f"{sync.root}/v{version}/model.safetensors", result,
                                                   request.images)

@@ -64,7 +64,8 @@ def random_batch(num_groups: int = 6, *, seed: int = 0, std_normalize: bool = Fa
                  experts_per_group: int = 1, n: int = 4) -> TrainBatch:
     """A stage-assembled batch with random old log-probs attached."""
     stage = CalibrationStage(pad_token_id=0, mixup=mixup, mix_ratio=mix_ratio, std_normalize=std_normalize,
-                             expert_in_baseline=expert_in_baseline, experts_per_group=experts_per_group, seed=seed)
+                             expert_in_baseline=expert_in_baseline, experts_per_group=experts_per_group,
+                             seed=seed)
     for g in random_groups(num_groups, seed=seed, experts=experts, n=n):
         stage.add(g)
     batch, _ = stage.assemble()

@@ -24,7 +24,8 @@ def test_rareness_hand_worked():
 def test_std_normalisation_on_and_off():
     r = [1.0, 0.0, 0.0, 0.0]
     std = statistics.stdev(r)  # unbiased
-    assert adv(r, [0] * 4, std_normalize=True) == pytest.approx([a / (std + 1e-6) for a in [0.75, -0.25, -0.25, -0.25]])
+    assert (adv(r, [0] * 4, std_normalize=True)
+            == pytest.approx([a / (std + 1e-6) for a in [0.75, -0.25, -0.25, -0.25]]))
     assert adv(r, [0] * 4, std_normalize=False) == pytest.approx([0.75, -0.25, -0.25, -0.25])
 
 
@@ -49,12 +50,14 @@ def test_experts_out_of_the_baseline_but_get_r_minus_baseline():
     assert adv(rewards, groups, experts) == pytest.approx([0.5, -0.5, 0.6])
     # LUFFY: the expert counts in the baseline
     mean = (1.0 + 0.0 + 1.1) / 3
-    assert adv(rewards, groups, experts, expert_in_baseline=True) == pytest.approx([r - mean for r in rewards])
+    assert (adv(rewards, groups, experts, expert_in_baseline=True)
+            == pytest.approx([r - mean for r in rewards]))
 
 
 def test_loop_vs_vectorised_random():
     gen = torch.Generator().manual_seed(0)
-    rewards = torch.randint(0, 2, (200,), generator=gen).float() + 0.1 * torch.randint(0, 2, (200,), generator=gen)
+    rewards = (torch.randint(0, 2, (200,), generator=gen).float()
+               + 0.1 * torch.randint(0, 2, (200,), generator=gen))
     groups = torch.randint(0, 40, (200,), generator=gen) * 3 + 11  # sparse ids
     experts = torch.rand(200, generator=gen) < 0.2
     for std_normalize in (False, True):
@@ -64,7 +67,8 @@ def test_loop_vs_vectorised_random():
             for i in range(200):
                 members = [rewards[j].item() for j in range(200)
                            if groups[j] == groups[i] and (in_baseline or not experts[j])]
-                mean, std = (statistics.mean(members), statistics.stdev(members)) if len(members) > 1 else (0.0, 1.0)
+                mean, std = ((statistics.mean(members), statistics.stdev(members)) if len(members) > 1
+                             else (0.0, 1.0))
                 expected = rewards[i].item() - mean
                 if std_normalize:
                     expected /= std + 1e-6

@@ -114,7 +114,8 @@ def test_dynamic_sampling_counts_and_filters():
     assert stage.num_groups == 20 and stage.num_informative == informative
     batch, m = stage.assemble()
     assert m["groups"] == informative
-    assert m["groups_all_pass"] == sum(r == 1 for r in rates) and m["groups_all_fail"] == sum(r == 0 for r in rates)
+    assert (m["groups_all_pass"] == sum(r == 1 for r in rates)
+            and m["groups_all_fail"] == sum(r == 0 for r in rates))
     assert 0 < m["groups_all_pass"] and 0 < m["groups_all_fail"]
     kept_rates = [rates[int(g[1:])] for g in dict.fromkeys(batch.row_prompt_id)]
     assert all(0 < r < 1 for r in kept_rates)
@@ -166,7 +167,8 @@ def test_select_split_and_roundtrip():
 def test_input_validation_and_single_use():
     stage = CalibrationStage(pad_token_id=0)
     bad = Group(prompt_id="bad", prompt_token_ids=[1], answer="1",
-                responses=[Response(token_ids=[1, 2], logprobs=[-1.0], text="")], verdicts=[verdict(1.0, True)])
+                responses=[Response(token_ids=[1, 2], logprobs=[-1.0], text="")],
+                verdicts=[verdict(1.0, True)])
     with pytest.raises(ValueError, match="bad"):
         stage.add(bad)
     with pytest.raises(ValueError, match="verdicts"):

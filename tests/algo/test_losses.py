@@ -1,4 +1,5 @@
-"""Sections 3-5: hand-worked examples, loop-vs-vectorised, gradient direction, micro-batch / shard invariance."""
+"""Sections 3-5: hand-worked examples, loop-vs-vectorised, gradient direction, micro-batch / shard
+invariance."""
 
 import math
 
@@ -7,7 +8,7 @@ import torch
 
 from calibrl.algo import (
     LOSS_AGGS,
-    POLICY_LOSSES,
+    METHODS,
     agg_loss,
     calibration_term,
     calibrl_loss,
@@ -149,18 +150,19 @@ def test_calibration_gradient_direction(passed, branch_offset, adv_sign):
 def test_calibrl_gradient_direction_through_full_loss():
     # the calibration part of calibrl_loss's gradient = its gradient minus the PG loss's gradient;
     # tokens: logp above the baseline (-3) and below it (0.5), so both branches for both signs
-    batch_kwargs = {"old_logp": t([[-1.0, -1.0]]), "advantages": t([0.5]), "response_mask": torch.tensor([[True, True]]),
+    batch_kwargs = {"old_logp": t([[-1.0, -1.0]]), "advantages": t([0.5]),
+                        "response_mask": torch.tensor([[True, True]]),
                         "is_expert": torch.tensor([False]), "expert_old_logp": t([[-3.0, 0.5]])}
     for passed in (True, False):
         logp = t([[-1.0, -1.0]]).requires_grad_()
         loss, _ = calibrl_loss(logp, batch_kwargs["old_logp"], batch_kwargs["advantages"],
-                               batch_kwargs["response_mask"], batch_kwargs["is_expert"], torch.tensor([passed]),
-                               batch_kwargs["expert_old_logp"], lam=1.0)
+                               batch_kwargs["response_mask"], batch_kwargs["is_expert"],
+                               torch.tensor([passed]), batch_kwargs["expert_old_logp"], lam=1.0)
         loss.backward()
         calib_grad = logp.grad.clone()
         logp.grad = None
-        pg, _ = ppo_loss(logp, batch_kwargs["old_logp"], batch_kwargs["advantages"], batch_kwargs["response_mask"],
-                         batch_kwargs["is_expert"])
+        pg, _ = ppo_loss(logp, batch_kwargs["old_logp"], batch_kwargs["advantages"],
+                         batch_kwargs["response_mask"], batch_kwargs["is_expert"])
         pg.backward()
         extra = calib_grad - logp.grad  # gradient of lam * calibration term
         assert (extra < 0).all() if passed else (extra > 0).all()
@@ -188,7 +190,7 @@ def _ref_pg(logp, old, adv, cl, ch, c):
 
 
 def reference_loss(name, logp, batch, *, agg, baseline="token", lam=0.1, alpha=0.5, cl=0.2, ch=0.28, c=3.0):
-    """Per-row, per-token Python implementation of POLICY_LOSSES[name] (one normaliser per call)."""
+    """Per-row, per-token Python implementation of METHODS[name].loss (one normaliser per call)."""
     L = logp.tolist()
     O = batch.old_logp.tolist()
     E = batch.expert_old_logp.tolist()
@@ -240,14 +242,14 @@ def test_loop_vs_vectorised(name, agg, seed):
     gen = torch.Generator().manual_seed(seed + 10)
     logp = batch.old_logp + 0.4 * torch.randn(batch.old_logp.shape, generator=gen)
     logp = logp.clamp(max=-1e-3)
-    loss, _ = POLICY_LOSSES[name](logp, batch, agg=agg, clip_high=0.28)
+    loss, _ = compute_loss(name, logp, batch, agg=agg, clip_high=0.28)
     assert loss.item() == pytest.approx(reference_loss(name, logp, batch, agg=agg), rel=1e-5, abs=1e-6)
 
 
 def test_loop_vs_vectorised_sequence_baseline():
     batch = random_batch(7, seed=3)
     logp = (batch.old_logp + 0.3).clamp(max=-1e-3)
-    loss, _ = POLICY_LOSSES["calibrl"](logp, batch, baseline="sequence", clip_high=0.28)
+    loss, _ = METHODS["calibrl"].loss(logp, batch, baseline="sequence", clip_high=0.28)
     ref = reference_loss("calibrl", logp, batch, agg="token-mean", baseline="sequence")
     assert loss.item() == pytest.approx(ref, rel=1e-5)
 
@@ -256,7 +258,7 @@ def test_tensor_functions_match_batch_entries():
     batch = random_batch(5, seed=4, mixup="always")
     logp = batch.old_logp - 0.1
     a, _ = ppo_loss(logp, batch.old_logp, batch.advantages, batch.response_mask, batch.is_expert)
-    b, _ = POLICY_LOSSES["dapo"](logp, batch)
+    b, _ = METHODS["dapo"].loss(logp, batch)
     assert a.item() == b.item()
     a, _ = sft_loss(logp, batch.response_mask, batch.is_expert)
     assert a.item() == pytest.approx(-(logp * batch.response_mask * batch.is_expert[:, None]).sum().item()
@@ -273,7 +275,8 @@ def test_agg_loss_modes_hand_worked():
     assert agg_loss(loss, mask, agg="seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
     assert agg_loss(loss, mask, agg="seq-mean-token-sum").item() == pytest.approx(10 / 2)
     assert agg_loss(loss, mask, agg="seq-mean-token-sum-norm").item() == pytest.approx(10 / 3 / 2)
-    assert agg_loss(loss, mask, agg="seq-mean-token-sum-norm", norm_length=10).item() == pytest.approx(10 / 10 / 2)
+    assert (agg_loss(loss, mask, agg="seq-mean-token-sum-norm", norm_length=10).item()
+            == pytest.approx(10 / 10 / 2))
     with pytest.raises(ValueError):
         agg_loss(loss, mask, agg="mean")
 
@@ -349,7 +352,8 @@ def test_compute_loss_entropy_and_kl():
     entropy = torch.rand(batch.old_logp.shape)
     base, _ = compute_loss("grpo", logp, batch)
     with_terms, m = compute_loss("grpo", logp, batch, entropy=entropy, entropy_coef=0.01, kl_coef=0.1)
-    assert with_terms.item() == pytest.approx(base.item() - 0.01 * m["entropy"].item() + 0.1 * m["kl_loss"].item())
+    assert with_terms.item() == pytest.approx(base.item() - 0.01 * m["entropy"].item()
+                                              + 0.1 * m["kl_loss"].item())
     assert m["kl_loss"].item() > 0
     with pytest.raises(ValueError):
         compute_loss("grpo", logp, batch, entropy_coef=0.01)

@@ -48,7 +48,8 @@ def reference_schema(expert_key="solution", expert_type=None) -> pa.Schema:
 def write_calibrl(path, rows, row_group_rows=None):
     records = [{"id": f"ex-{i}", "prompt": r["question"], "images": r["images"], "answer": r["answer"],
                 "experts": r["experts"], "data_source": "test"} for i, r in enumerate(rows)]
-    pq.write_table(pa.Table.from_pylist(records, schema=CALIBRL_FILE_SCHEMA), path, row_group_size=row_group_rows)
+    pq.write_table(pa.Table.from_pylist(records, schema=CALIBRL_FILE_SCHEMA), path,
+                   row_group_size=row_group_rows)
     return str(path)
 
 

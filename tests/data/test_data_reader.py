@@ -27,8 +27,10 @@ def test_reference_format_loads(tmp_path):
 
 
 def test_reference_format_custom_expert_key_with_several_experts(tmp_path):
-    rows = [{**good_row(i), "experts": [f"<think>a{i}</think><answer>{i}</answer>", f"b{i}"]} for i in range(2)]
-    path = write_reference(tmp_path / "ref.parquet", rows, expert_key="target", expert_type=pa.list_(pa.string()))
+    rows = [{**good_row(i), "experts": [f"<think>a{i}</think><answer>{i}</answer>", f"b{i}"]}
+            for i in range(2)]
+    path = write_reference(tmp_path / "ref.parquet", rows, expert_key="target",
+                           expert_type=pa.list_(pa.string()))
     examples, _ = load_examples([path], expert_key="target")
     assert [e.experts for e in examples] == [tuple(r["experts"]) for r in rows]
     # the default key finds no expert column: rows load, without experts, and the report says so
@@ -38,7 +40,8 @@ def test_reference_format_custom_expert_key_with_several_experts(tmp_path):
 
 def test_reference_format_without_index_uses_stem_and_row(tmp_path):
     table = pa.table({"prompt": [[{"role": "user", "content": "1+1?"}]],
-                      "reward_model": [{"ground_truth": "2"}], "solution": ["<think>1+1</think><answer>2</answer>"]})
+                      "reward_model": [{"ground_truth": "2"}],
+                      "solution": ["<think>1+1</think><answer>2</answer>"]})
     pq.write_table(table, tmp_path / "plain.parquet")
     (example,), _ = load_examples([tmp_path / "plain.parquet"])
     assert (example.id, example.data_source, example.images, example.answer) == ("plain:0", "plain", (), "2")
@@ -99,7 +102,8 @@ BAD_ROWS = {
     "prompt too long": (_too_long, "prompt", "prompt", "prompt: too_long"),
     "non-string expert": (_non_string_expert, "experts", "target", "experts: not_a_string"),
 }
-READ_ARGS = {"max_images": 1, "max_prompt_length": 100, "prompt_length": lambda e: len(e.prompt), "batch_rows": 8}
+READ_ARGS = {"max_images": 1, "max_prompt_length": 100, "prompt_length": lambda e: len(e.prompt),
+             "batch_rows": 8}
 
 
 def _write(fmt, path, rows):
@@ -133,8 +137,9 @@ def test_skip_drops_and_counts_every_bad_row(tmp_path, fmt):
         bad_at[row] = kind
     path = _write(fmt, tmp_path / "mixed.parquet", rows)
     examples, report = load_examples([path], expert_key="target", on_bad_row="skip", **READ_ARGS)
+    # good rows all survive, in order
     assert [e.id for e in examples] == [f"ex-{i}" if fmt == "calibrl" else f"mixed:{100 + i}"
-                                        for i in range(40) if i not in bad_at]  # good rows all survive, in order
+                                        for i in range(40) if i not in bad_at]
     assert (report.rows_read, report.rows_kept, report.rows_skipped) == (40, 40 - len(bad_at), len(bad_at))
     expected = {}
     for kind in bad_at.values():

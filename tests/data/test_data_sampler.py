@@ -35,7 +35,8 @@ def test_batch_crossing_an_epoch_boundary_continues_into_the_next_epoch():
 
 
 def test_no_shuffle_keeps_file_order():
-    assert _draw(PromptSampler(list("abcde"), 2, seed=0, shuffle=False), 3) == [["a", "b"], ["c", "d"], ["e", "a"]]
+    assert (_draw(PromptSampler(list("abcde"), 2, seed=0, shuffle=False), 3)
+            == [["a", "b"], ["c", "d"], ["e", "a"]])
 
 
 @pytest.mark.parametrize("stop_after", [0, 1, 2, 3, 4, 5, 7])

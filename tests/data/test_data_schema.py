@@ -9,8 +9,8 @@ from calibrl.data import EXAMPLE_SCHEMA, Example, examples_to_table, load_exampl
 def _examples():
     return [Example(id="a", prompt="<image> q1", images=(png(),), answer="1",
                     experts=("<think>x</think><answer>1</answer>",), data_source="s1"),
-            Example(id="b", prompt="<image><image> q2", images=(png((0, 0, 255)), png((0, 255, 0), 12)), answer="two",
-                    experts=("e1", "e2"), data_source="s2"),
+            Example(id="b", prompt="<image><image> q2", images=(png((0, 0, 255)), png((0, 255, 0), 12)),
+                    answer="two", experts=("e1", "e2"), data_source="s2"),
             Example(id="c", prompt="text only", images=(), answer="3", experts=(), data_source="s1")]
 
 

@@ -1,0 +1,126 @@
+"""Rollout streaming: a step's prompts go to the vLLM workers in chunks, and each chunk, as it
+completes (`ray.wait`), is verified, joined with its prompts' experts and added group by group to
+the step's calibration stage. DAPO's dynamic sampling draws more prompts until the stage holds
+enough informative groups (at most `algorithm.max_sampling_rounds` rounds).
+
+`RolloutStream.start(step)` submits and returns a `PendingRollout` at once, so the driver can
+start step t+1's rollout before step t trains (one-step-off); `finish(pending)` drains it and
+returns the assembled `TrainBatch` with the rollout's metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import ray
+
+from actors.rollout import RolloutRequest, SamplingSpec
+from calibrl.algo import METHODS, CalibrationStage, Group, TrainBatch
+from calibrl.algo.metrics import stage_metrics
+from calibrl.config import Config
+from calibrl.data import PromptSampler
+from calibrl.data.schema import Example
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of step `step`: a resumed run draws exactly what an uninterrupted one would."""
+    return (seed * 1_000_003 + step) % (2**31)
+
+
+@dataclass
+class PendingRollout:
+    """One step's rollout in flight: request chunks submitted, groups streamed into `stage`."""
+
+    step: int
+    stage: CalibrationStage
+    sampler_state: dict
+    """The prompt sampler's state before this rollout drew: a checkpoint taken while it is in
+    flight resumes by drawing these prompts again."""
+    refs: dict = field(default_factory=dict)  # ObjectRef -> list[Example]
+    rounds: int = 0
+    prompts_drawn: int = 0
+    verify_s: float = 0.0
+    verify_timeouts: int = 0
+    verify_errors: int = 0
+
+
+class RolloutStream:
+    def __init__(self, cfg: Config, *, sampler: PromptSampler, rollout_workers: list, verifiers, experts,
+                 pad_token_id: int):
+        self.cfg, self.sampler = cfg, sampler
+        self.workers, self.verifiers, self.experts = rollout_workers, verifiers, experts
+        self.pad_token_id = pad_token_id
+
+    def start(self, step: int) -> PendingRollout:
+        """Draw step `step`'s prompts and submit them; returns without waiting."""
+        a = self.cfg.algorithm
+        method = METHODS[a.name]
+        with_experts = method.expert_rows and step > a.expert_warmup_steps
+        stage = CalibrationStage(
+            pad_token_id=self.pad_token_id, mixup=a.mixup if with_experts else "never",
+            mix_ratio=a.mix_ratio, pass_low=a.pass_low, pass_high=a.pass_high,
+            experts_per_group=a.experts_per_group,
+            expert_in_baseline=method.expert_in_baseline, std_normalize=a.std_normalize,
+            dynamic_sampling=a.dynamic_sampling, max_response_length=self.cfg.rollout.max_response_length,
+            overlong_buffer_tokens=a.overlong_buffer_tokens, overlong_penalty=a.overlong_penalty,
+            seed=step_seed(self.cfg.trainer.seed, step))
+        pending = PendingRollout(step=step, stage=stage, sampler_state=self.sampler.state_dict())
+        self._submit_round(pending)
+        return pending
+
+    def _submit_round(self, pending: PendingRollout) -> None:
+        """Sample prompts_per_step prompts and send them, in chunks, round-robin to the workers."""
+        r = self.cfg.rollout
+        examples = self.sampler.next_batch()
+        seed0 = step_seed(self.cfg.trainer.seed, pending.step) * 1000 + pending.prompts_drawn
+        sampling = SamplingSpec(n=r.samples_per_prompt, temperature=r.temperature, top_p=r.top_p,
+                                max_tokens=r.max_response_length)
+        chunk = max(1, r.stream_chunk_prompts)
+        for k, start in enumerate(range(0, len(examples), chunk)):
+            part = examples[start:start + chunk]
+            requests = [RolloutRequest(prompt_id=e.id, prompt=e.prompt, images=list(e.images),
+                                       seed=seed0 + start + j) for j, e in enumerate(part)]
+            worker = self.workers[k % len(self.workers)]
+            pending.refs[worker.generate.remote(requests, sampling)] = part
+        pending.rounds += 1
+        pending.prompts_drawn += len(examples)
+
+    def finish(self, pending: PendingRollout) -> tuple[TrainBatch, dict[str, float]]:
+        """Stream completed requests into the calibration stage (refilling under dynamic sampling),
+        then assemble the step's batch."""
+        a, t = self.cfg.algorithm, self.cfg.trainer
+        stage = pending.stage
+        while pending.refs:
+            done, _ = ray.wait(list(pending.refs), num_returns=1)
+            examples = pending.refs.pop(done[0])
+            self._add_groups(pending, examples, ray.get(done[0]))
+            if (not pending.refs and a.dynamic_sampling and stage.num_informative < t.prompts_per_step
+                    and pending.rounds < a.max_sampling_rounds):
+                self._submit_round(pending)
+        t0 = time.time()
+        batch, stage_counts = stage.assemble(max_groups=t.prompts_per_step)
+        return batch, stage_metrics(stage_counts) | {
+            "sampling/rounds": pending.rounds, "sampling/prompts_drawn": pending.prompts_drawn,
+            "verify/timeouts": pending.verify_timeouts, "verify/errors": pending.verify_errors,
+            "time/verify_s": pending.verify_s, "time/calibrate_s": time.time() - t0}
+
+    def _add_groups(self, pending: PendingRollout, examples: list[Example], results: list) -> None:
+        """Verify one completed chunk, fetch its experts, add its groups to the stage."""
+        t0 = time.time()
+        pairs = [(s.text, ex.answer) for ex, res in zip(examples, results) for s in res.samples]
+        verdict_ref = self.verifiers.submit(pairs)
+        experts_ref = self.experts.get.remote([ex.id for ex in examples],
+                                              self.cfg.algorithm.experts_per_group)
+        verdicts, verify_metrics = ray.get(verdict_ref)
+        experts = ray.get(experts_ref)
+        pending.verify_timeouts += verify_metrics["timeouts"]
+        pending.verify_errors += verify_metrics["errors"]
+        pending.verify_s += time.time() - t0
+        i = 0
+        for ex, res in zip(examples, results):
+            n = len(res.samples)
+            pending.stage.add(Group(prompt_id=ex.id, prompt_token_ids=res.prompt_token_ids, answer=ex.answer,
+                                    responses=res.samples, verdicts=verdicts[i:i + n], experts=experts[ex.id],
+                                    images=list(ex.images)))
+            i += n
