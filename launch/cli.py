@@ -30,8 +30,11 @@ def make_demo_data(root: str = DEMO_ROOT, *, n_train: int = 2000, n_val: int = 2
     paths = make_all(os.path.join(root, "tiny-models"))
     data_dir = os.path.join(root, "data")
     if not os.path.exists(os.path.join(data_dir, "test.parquet")):
-        write_splits(data_dir, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, multimodal=True,
-                     difficulty=(1, 2))
+        # single-digit arithmetic: after the SFT warm-up the tiny model is right on ~10% of held-out
+        # prompts and samples the right answer on ~30%, a signal RL can use (the image-counting
+        # tasks leave the tiny vision tower blind: see docs/results/README.md)
+        write_splits(data_dir, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, multimodal=False,
+                     difficulty=1)
     paths |= {split: os.path.join(data_dir, f"{split}.parquet") for split in ("train", "val", "test")}
     return paths
 
@@ -93,7 +96,7 @@ def cmd_report(argv: list[str]) -> None:
 
 
 def cmd_demo(argv: list[str]) -> None:
-    """The CPU demo: tiny VL model + synthetic counting task, SFT warm-up then CalibRL, then the report."""
+    """The CPU demo: tiny VL model + synthetic arithmetic task, SFT warm-up then CalibRL, then the report."""
     from calibrl.config import load_config, split_config_args
     from launch.metrics import read_metrics
     from launch.report import write_report
@@ -110,9 +113,16 @@ def cmd_demo(argv: list[str]) -> None:
     train(cfg)
     summary = write_report(cfg.trainer.output_dir)
     evals = [r for r in read_metrics(cfg.trainer.output_dir) if r.get("kind") == "eval"]
-    start, end = evals[0].get("val/accuracy", 0.0), evals[-1].get("val/accuracy", 0.0)
-    print(f"[demo] held-out greedy accuracy: {start:.3f} at the start -> {end:.3f} after training "
-          f"({time.time() - t0:.0f} s). Report: {summary}", flush=True)
+    start, end = evals[0], evals[-1]
+    sft = next((r for r in evals if r.get("phase") == "after SFT warm-up"), start)
+    gain = ""
+    if "val/gain_vs_sft" in end:
+        gain = f" ({end['val/gain_vs_sft']:+.3f} ± {end['val/gain_vs_sft_ci95']:.3f}, paired 95% interval)"
+    print(f"[demo] report: {summary}", flush=True)
+    print(f"[demo] held-out greedy accuracy on {int(end.get('val/prompts', 0))} prompts: "
+          f"{start.get('val/accuracy', 0.0):.3f} at the start -> "
+          f"{sft.get('val/accuracy', 0.0):.3f} after SFT -> "
+          f"{end.get('val/accuracy', 0.0):.3f} after RL{gain}; {time.time() - t0:.0f} s", flush=True)
 
 
 def cmd_compare(argv: list[str]) -> None:

@@ -28,7 +28,7 @@ def _generate(workers: list, examples: list[Example], sampling: SamplingSpec, se
 
 def evaluate(workers: list, verifiers, examples: list[Example], *, pass_k: int, temperature: float,
              max_tokens: int, seed: int = 0) -> tuple[dict[str, float], dict[str, str]]:
-    """(metrics, the greedy response text of each prompt id)."""
+    """(metrics, {prompt id: (greedy response text, its accuracy)})."""
     if not examples:
         return {}, {}
     greedy = _generate(workers, examples, SamplingSpec(n=1, temperature=0.0, max_tokens=max_tokens), seed)
@@ -60,4 +60,4 @@ def evaluate(workers: list, verifiers, examples: list[Example], *, pass_k: int, 
     if len(by_source) > 1:
         for source, idx in sorted(by_source.items()):
             out |= summary(idx, "/" + source.replace("/", "_"))
-    return out, {e.id: r.samples[0].text for e, r in zip(examples, greedy)}
+    return out, {e.id: (r.samples[0].text, v.accuracy) for e, r, v in zip(examples, greedy, greedy_v)}

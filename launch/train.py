@@ -28,7 +28,13 @@ from actors.rollout import RolloutWorker
 from actors.verifier import VerifierPool
 from actors.weight_sync import WEIGHT_SYNCS
 from calibrl.algo import METHODS, SFT_WARMUP_METHOD, CalibrationStage, Group, attach_expert_logprobs
-from calibrl.algo.metrics import batch_metrics, gradient_shares, greedy_change_rate, reduce_rank_metrics
+from calibrl.algo.metrics import (
+    batch_metrics,
+    gradient_shares,
+    greedy_change_rate,
+    paired_gain,
+    reduce_rank_metrics,
+)
 from calibrl.config import Config, to_yaml, validate
 from calibrl.data import PromptSampler, load_examples
 from calibrl.data.schema import Example
@@ -90,7 +96,8 @@ class Trainer:
         self.sft_step = 0
         self.version = 0  # weights version the learners hold
         self.synced_version = 0  # weights version the rollout engines serve
-        self.last_greedy: dict[str, str] = {}  # greedy answers of the last evaluation, by prompt id
+        self.last_greedy: dict[str, tuple[str, float]] = {}  # last evaluation: id -> (answer, accuracy)
+        self.sft_greedy: dict[str, tuple[str, float]] = {}  # the same after the SFT warm-up
         self.pending: PendingRollout | None = None  # a rollout in flight (one-step-off mode)
 
     # ---- the training loop ---------------------------------------------------------------------
@@ -110,6 +117,7 @@ class Trainer:
             if self.cfg.learner.reset_optimizer_after_sft:
                 ray.get(self.learners.run("reset_optimizer"))
             self.log_eval(self.evaluate_now(), phase="after SFT warm-up")
+            self.sft_greedy = self.last_greedy
         if self.resume_from and self.step >= c.total_steps:
             raise RuntimeError(f"{self.resume_from} is at step {self.step}, and "
                                f"trainer.total_steps={c.total_steps}: "
@@ -240,8 +248,9 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
 
     def evaluate_now(self) -> dict:
-        """Held-out metrics of every val file, and the fraction of prompts whose greedy answer changed
-        since the last evaluation (`val/greedy_changed_frac`)."""
+        """Held-out metrics of every val file; the fraction of prompts whose greedy answer changed since
+        the last evaluation (`val/greedy_changed_frac`); after an SFT warm-up, the paired accuracy gain
+        over it on the same prompts with a 95% interval (`val/gain_vs_sft`, `val/gain_vs_sft_ci95`)."""
         t = self.cfg.trainer
         self.sync_weights()
         out, greedy = {}, {}
@@ -254,7 +263,12 @@ class Trainer:
             out |= {k.replace("val", prefix, 1): v for k, v in res.items()}
             greedy |= {f"{path}:{k}": v for k, v in texts.items()}
         if self.last_greedy:
-            out["val/greedy_changed_frac"] = greedy_change_rate(self.last_greedy, greedy)
+            out["val/greedy_changed_frac"] = greedy_change_rate(
+                {k: v[0] for k, v in self.last_greedy.items()}, {k: v[0] for k, v in greedy.items()})
+        if self.sft_greedy:
+            gain, half_width = paired_gain({k: v[1] for k, v in self.sft_greedy.items()},
+                                           {k: v[1] for k, v in greedy.items()})
+            out |= {"val/gain_vs_sft": gain, "val/gain_vs_sft_ci95": half_width}
         self.last_greedy = greedy
         return out
 

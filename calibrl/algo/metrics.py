@@ -82,3 +82,15 @@ def gradient_shares(metrics: dict[str, float]) -> dict[str, float]:
         return {}
     pg, calib = metrics.get("train/grad_sq_pg", 0.0) ** 0.5, metrics["train/grad_sq_calib"] ** 0.5
     return {"grad/calib_share": calib / (pg + calib) if pg + calib > 0 else 0.0}
+
+
+def paired_gain(before: dict[str, float], after: dict[str, float]) -> tuple[float, float]:
+    """Mean per-prompt accuracy change over the prompts in both, and the half-width of its normal 95%
+    interval (1.96 x the standard error of the paired differences)."""
+    diffs = [after[k] - before[k] for k in before.keys() & after.keys()]
+    if not diffs:
+        return 0.0, 0.0
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
+    return mean, 1.96 * (var / n) ** 0.5

@@ -44,6 +44,8 @@ PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 BACKGROUND = (255, 255, 255)
 
 IMAGE_TASKS = ("count-color", "count-shape", "count-total", "compare-shapes")
+EXTRA_IMAGE_TASKS = ("color-of",)
+"""Image tasks outside the default mix (ask for them with `tasks=`)."""
 TEXT_TASKS = ("arith-add", "arith-sub")
 
 
@@ -144,6 +146,11 @@ def _image_problem(rng: np.random.Generator, task: str, level: Level, grid: int)
         counts = [(c, sum(s.color == c for s in scene)) for c in COLORS]
         terms = "+".join(f"{n} {c}" for c, n in counts if n)
         return scene, "How many shapes are there in total?", str(len(scene)), f"{terms}={len(scene)}"
+    if task == "color-of":  # one shape: its colour (perception without counting)
+        scene = sample_scene(rng, Level(1, 1, level.colors, level.kinds), grid)
+        shape = scene[0]
+        return (scene, "What color is the shape?", shape.color,
+                f"{shape.kind} at {shape.cell + 1} is {shape.color}")
     if task == "compare-shapes":
         while True:  # redraw until there is no tie (seeded: still deterministic)
             circles = sum(s.kind == "circle" for s in scene)
@@ -194,13 +201,18 @@ def _levels(difficulty: int | Sequence[int]) -> tuple[int, ...]:
 
 
 def generate_problems(n: int, *, seed: int, split: str, difficulty: int | Sequence[int] = (1, 2),
-                      multimodal: bool = True, image_px: int = 84) -> list[Problem]:
-    """`n` problems; `difficulty` lists the levels drawn from (uniformly, per problem)."""
+                      multimodal: bool = True, image_px: int = 84,
+                      tasks: Sequence[str] | None = None) -> list[Problem]:
+    """`n` problems; `difficulty` lists the levels drawn from (uniformly, per problem); `tasks` the
+    task mix (default: IMAGE_TASKS, or TEXT_TASKS when not multimodal)."""
     levels = _levels(difficulty)
     if image_px % CELL_PX or image_px < CELL_PX:
         raise ValueError(f"image_px={image_px} must be a positive multiple of {CELL_PX}")
     grid = image_px // CELL_PX
-    tasks = IMAGE_TASKS if multimodal else TEXT_TASKS
+    tasks = tuple(tasks) if tasks else IMAGE_TASKS if multimodal else TEXT_TASKS
+    known = IMAGE_TASKS + EXTRA_IMAGE_TASKS if multimodal else TEXT_TASKS
+    if any(t not in known for t in tasks):
+        raise ValueError(f"tasks={tasks!r}: choose among {known}")
     split_code = zlib.crc32(split.encode())
     problems = []
     for i in range(n):
@@ -221,20 +233,21 @@ def generate_problems(n: int, *, seed: int, split: str, difficulty: int | Sequen
 
 
 def generate_examples(n: int, *, seed: int, split: str, difficulty: int | Sequence[int] = (1, 2),
-                      multimodal: bool = True, image_px: int = 84) -> list[Example]:
+                      multimodal: bool = True, image_px: int = 84,
+                      tasks: Sequence[str] | None = None) -> list[Example]:
     """`n` examples with ids `{split}-{i}`; same arguments, byte-identical examples."""
     return [p.example for p in generate_problems(n, seed=seed, split=split, difficulty=difficulty,
-                                                 multimodal=multimodal, image_px=image_px)]
+                                                 multimodal=multimodal, image_px=image_px, tasks=tasks)]
 
 
 def write_splits(out_dir: str | os.PathLike, *, n_train: int, n_val: int, n_test: int, seed: int,
                  multimodal: bool = True, difficulty: int | Sequence[int] = (1, 2),
-                 image_px: int = 84) -> dict[str, str]:
+                 image_px: int = 84, tasks: Sequence[str] | None = None) -> dict[str, str]:
     """Write `{out_dir}/{train,val,test}.parquet` in the calibrl schema; returns {split: path}."""
     paths = {}
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         examples = generate_examples(n, seed=seed, split=split, difficulty=difficulty, multimodal=multimodal,
-                                     image_px=image_px)
+                                     image_px=image_px, tasks=tasks)
         paths[split] = write_examples(os.path.join(os.fspath(out_dir), f"{split}.parquet"), examples)
     return paths
 

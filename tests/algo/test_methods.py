@@ -145,3 +145,14 @@ def test_diagnostics_report_each_terms_gradient_norm():
     (g_pg,) = torch.autograd.grad(loss_pg, logp)
     assert m["grad_sq_pg"].item() == pytest.approx(g_pg.pow(2).sum().item(), rel=1e-5)
     assert m["grad_sq_calib"].item() > 0
+
+
+def test_paired_gain_hand_worked():
+    from calibrl.algo.metrics import paired_gain
+
+    before = {"a": 0.0, "b": 1.0, "c": 0.0, "d": 0.0}
+    after = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 0.0, "e": 1.0}  # e was not evaluated before: ignored
+    gain, half = paired_gain(before, after)
+    # diffs 1, 0, 1, 0: mean 0.5, sample var 1/3, se = sqrt(1/12)
+    assert gain == pytest.approx(0.5)
+    assert half == pytest.approx(1.96 * (1 / 12) ** 0.5)
