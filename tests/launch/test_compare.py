@@ -8,8 +8,7 @@ import pytest
 
 from calibrl.data.synthetic import write_splits
 from launch.compare import run_compare, variant_overlay
-
-from .test_train import overrides
+from tests.launch.test_train import overrides
 
 pytestmark = pytest.mark.slow
 
