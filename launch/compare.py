@@ -197,8 +197,9 @@ def write_results(out: str, *, variants: list[str], seeds: list[int]) -> str:
     for name, title, key, kind in CURVES:
         plot(name, title, [(v, [curve(recs, key, kind) for recs in by_seed.values()])
                            for v, by_seed in runs.items()])
-    calib = [v for v in runs
-             if variant_overlay(v)[1] == ["algorithm.name=calibrl"] or v.startswith("calibrl")]
+    # the variants that log calibration diagnostics (CalibRL and its ablations)
+    calib = [v for v, by_seed in runs.items()
+             if any("train/calib_branch_full_frac" in r for recs in by_seed.values() for r in recs)]
     for name, title, keys in CALIBRL_CURVES:
         plot(name, title, [(f"{v}: {k.split('/')[-1]}",
                             [curve(recs, k, "train") for recs in runs[v].values()])
