@@ -29,6 +29,7 @@ import time
 from calibrl.algo import METHODS, SFT_WARMUP_METHOD
 from calibrl.config import load_config, split_config_args
 from launch.metrics import read_metrics
+from launch.report import save_plot
 
 VARIANT_DIRS = ("configs/baselines", "configs/ablations")
 CURVES = [("reward", "training reward (on-policy mean)", "reward/mean", "train"),
@@ -181,14 +182,7 @@ def write_results(out: str, *, variants: list[str], seeds: list[int]) -> str:
                 continue
             means = [sum(dict(c).get(x, math.nan) for c in curves) / len(curves) for x in steps]
             ax.plot(steps, means, marker="o" if len(steps) < 15 else None, label=label)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("RL step (mean over seeds)")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f"{name}.png"), dpi=90)
-        plt.close(fig)
+        save_plot(fig, ax, title=title, xlabel="RL step (mean over seeds)", path=os.path.join(out, f"{name}.png"))
 
     def curve(records: list[dict], key: str, kind: str) -> list[tuple[int, float]]:
         return [(r["step"], r[key]) for r in records

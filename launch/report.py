@@ -21,6 +21,20 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def save_plot(fig, ax, *, title: str, xlabel: str, path: str) -> None:
+    """Title, grid, legend (when something was drawn), save as PNG and close."""
+    import matplotlib.pyplot as plt
+
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def write_report(run_dir: str) -> str:
     """Writes RUN_DIR/report/*.png and RUN_DIR/report/summary.md; returns the summary path."""
     import matplotlib
@@ -37,14 +51,7 @@ def write_report(run_dir: str) -> str:
             xs, ys = _series(records, k)
             if xs:
                 ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=k)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, f"{name}.png"), dpi=90)
-        plt.close(fig)
+        save_plot(fig, ax, title=title, xlabel="step", path=os.path.join(out, f"{name}.png"))
 
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
