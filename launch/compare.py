@@ -182,7 +182,8 @@ def write_results(out: str, *, variants: list[str], seeds: list[int]) -> str:
                 continue
             means = [sum(dict(c).get(x, math.nan) for c in curves) / len(curves) for x in steps]
             ax.plot(steps, means, marker="o" if len(steps) < 15 else None, label=label)
-        save_plot(fig, ax, title=title, xlabel="RL step (mean over seeds)", path=os.path.join(out, f"{name}.png"))
+        save_plot(fig, ax, title=title, xlabel="RL step (mean over seeds)",
+                  path=os.path.join(out, f"{name}.png"))
 
     def curve(records: list[dict], key: str, kind: str) -> list[tuple[int, float]]:
         return [(r["step"], r[key]) for r in records
