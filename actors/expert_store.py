@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from transformers import AutoTokenizer
 
 from actors.group import named_actor
+from actors.logs import actor_log_dir
 from calibrl.algo import ExpertTrajectory
 from calibrl.config import Config
 from calibrl.data.parquet_io import write_parquet_atomic
@@ -246,7 +247,7 @@ class ExpertStore:
                            tokenizer_path=cfg.model.path,
                            additions_dir=os.path.join(cfg.trainer.output_dir, "experts"),
                            expert_key=cfg.data.expert_key, choice=cfg.algorithm.expert_choice,
-                           seed=cfg.trainer.seed, max_cached=max_cached)
+                           seed=cfg.trainer.seed, max_cached=max_cached, log_dir=actor_log_dir(cfg))
 
     def state(self) -> dict:
         """Counts for metrics: indexed prompts, cache hits/misses/size, row groups read, additions, ..."""

@@ -16,6 +16,8 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from actors.logs import capture_output
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -32,14 +34,34 @@ def _address_and_port() -> tuple[str, int]:
     return node_address(), free_port()
 
 
-def named_actor(cls, name: str, *, num_cpus: float = 1, num_gpus: float = 0, **kwargs):
-    """One Ray actor of plain class `cls`, named for the dashboard."""
-    return ray.remote(cls).options(name=name, num_cpus=num_cpus, num_gpus=num_gpus).remote(**kwargs)
+def _named(cls):
+    """`cls` whose instances first send their process's output to `{log_dir}/{name}.log`
+    (actors/logs.py; `log_dir=None`: left alone) and show as `name` in Ray's log prefixes."""
+
+    class Named(cls):
+        def __init__(self, *args, actor_name: str, log_dir: str | None, **kwargs):
+            self._actor_name = actor_name
+            capture_output(actor_name, log_dir)
+            super().__init__(*args, **kwargs)
+
+        def __repr__(self) -> str:
+            return self._actor_name
+
+    Named.__name__, Named.__qualname__, Named.__doc__ = cls.__name__, cls.__qualname__, cls.__doc__
+    return Named
+
+
+def named_actor(cls, name: str, *, num_cpus: float = 1, num_gpus: float = 0, log_dir: str | None = None,
+                **kwargs):
+    """One Ray actor of plain class `cls`, named `name` on the dashboard and in log prefixes; with
+    `log_dir`, its process's third-party output goes to `{log_dir}/{name}.log`."""
+    return ray.remote(_named(cls)).options(name=name, num_cpus=num_cpus, num_gpus=num_gpus).remote(
+        actor_name=name, log_dir=log_dir, **kwargs)
 
 
 class ActorGroup:
     def __init__(self, cls, n: int, *, name_prefix: str, num_cpus_per_actor: float = 1,
-                 num_gpus_per_actor: float = 0, **init_kwargs: Any):
+                 num_gpus_per_actor: float = 0, log_dir: str | None = None, **init_kwargs: Any):
         bundle = {"CPU": num_cpus_per_actor} | ({"GPU": num_gpus_per_actor} if num_gpus_per_actor else {})
         self.placement_group = placement_group([dict(bundle) for _ in range(n)], strategy="PACK")
         ray.get(self.placement_group.ready())
@@ -47,11 +69,11 @@ class ActorGroup:
         self.master_addr, self.master_port = ray.get(_address_and_port.options(
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, 0)).remote())
         self.actors = [
-            ray.remote(cls).options(
+            ray.remote(_named(cls)).options(
                 name=f"{name_prefix}-{rank}", num_cpus=num_cpus_per_actor, num_gpus=num_gpus_per_actor,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement_group, rank),
-            ).remote(rank=rank, world_size=n, master_addr=self.master_addr, master_port=self.master_port,
-                     **init_kwargs)
+            ).remote(actor_name=f"{name_prefix}-{rank}", log_dir=log_dir, rank=rank, world_size=n,
+                     master_addr=self.master_addr, master_port=self.master_port, **init_kwargs)
             for rank in range(n)
         ]
 

@@ -26,6 +26,7 @@ from functools import lru_cache
 import torch
 
 from actors.group import ActorGroup
+from actors.logs import actor_log_dir, forward_warnings
 from actors.weight_sync import link_model_files
 from calibrl.algo import TrainBatch, compute_loss, has_signal, loss_normalizers
 from calibrl.config import Config
@@ -90,13 +91,15 @@ class Learner:
                  zero_stage: int = 2, lr: float = 1e-6, weight_decay: float = 0.0, grad_clip: float = 1.0,
                  lr_warmup_steps: int = 0, lr_schedule: str = "constant", total_updates: int = 1000,
                  micro_batch_per_device: int = 4, gradient_checkpointing: bool = False,
-                 optimizer: str = "adamw", seed: int = 0):
+                 optimizer: str = "adamw", seed: int = 0, temperature: float = 1.0):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         cuda = torch.cuda.is_available()
         if not cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
+
+        forward_warnings("DeepSpeed")  # its logger does not propagate to the root logger
         from transformers import (
             AutoConfig,
             AutoImageProcessor,
@@ -130,6 +133,7 @@ class Learner:
                              micro_batch_per_device=micro_batch_per_device))
         self.zero_stage = zero_stage
         self.updates = 0
+        self.temperature = temperature  # the rollout's: log-probs are those of pi(. | T), sampled from
 
     @classmethod
     def from_config(cls, cfg: Config) -> ActorGroup:
@@ -146,7 +150,7 @@ class Learner:
             total_updates=cfg.trainer.total_steps * updates_per_step,
             micro_batch_per_device=ln.micro_batch_per_device,
             gradient_checkpointing=cfg.model.gradient_checkpointing, optimizer=ln.optimizer,
-            seed=cfg.trainer.seed)
+            seed=cfg.trainer.seed, temperature=cfg.rollout.temperature, log_dir=actor_log_dir(cfg))
 
     # ---- batch plumbing ---------------------------------------------------------------------
 
@@ -168,7 +172,7 @@ class Learner:
         d = self.device
         return response_logprobs(self.engine, mb.prompt_ids.to(d), mb.prompt_mask.to(d),
                                  mb.response_ids.to(d), mb.response_mask.to(d), with_entropy=with_entropy,
-                                 config=self.engine.module.config, **vis)
+                                 temperature=self.temperature, config=self.engine.module.config, **vis)
 
     @lru_cache(maxsize=64)  # noqa: B019 - one learner per actor process, alive for the whole run
     def _image_tensors(self, images: tuple[bytes, ...]) -> dict[str, torch.Tensor]:

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from actors.group import named_actor
+from actors.logs import actor_log_dir
 from calibrl.algo import Response
 from calibrl.config import Config
 from calibrl.inputs import decode_images, render_chat
@@ -77,7 +78,10 @@ class RolloutWorker:
         t0 = time.time()
         kwargs: dict = {"model": model_path, "dtype": dtype, "max_model_len": max_model_len, "seed": seed,
                             "tensor_parallel_size": tensor_parallel_size, "enable_prefix_caching": True,
-                            "use_tqdm_on_load": False}
+                            "use_tqdm_on_load": False,
+                            # log-probs of the distribution sampled from (after temperature), which
+                            # is the one the learner recomputes
+                            "logprobs_mode": "processed_logprobs"}
         if torch.cuda.is_available():
             kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         else:
@@ -116,7 +120,7 @@ class RolloutWorker:
                             gpu_memory_utilization=r.gpu_memory_utilization,
                             max_images_per_prompt=cfg.data.max_images_per_prompt,
                             image_min_pixels=m.image_min_pixels, image_max_pixels=m.image_max_pixels,
-                            weight_sync=r.weight_sync, seed=cfg.trainer.seed + i)
+                            weight_sync=r.weight_sync, seed=cfg.trainer.seed + i, log_dir=actor_log_dir(cfg))
                 for i in range(r.num_workers)]
 
     # ---- sampling -------------------------------------------------------------------------

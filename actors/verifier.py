@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 import ray
 
 from actors.group import named_actor
+from actors.logs import actor_log_dir
 from calibrl.algo.reward import Verdict, format_matches, verify
 from calibrl.config import Config
 
@@ -220,8 +221,9 @@ class VerifierPool:
 
     def __init__(self, num_workers: int, *, timeout_s: float = 5.0, pass_threshold: float = 0.1,
                  reward_function: str | None = None, num_cpus_per_worker: float = 1.0,
-                 name_prefix: str = "verifier"):
+                 name_prefix: str = "verifier", log_dir: str | None = None):
         self.workers = [named_actor(VerifierWorker, f"{name_prefix}-{i}", num_cpus=num_cpus_per_worker,
+                                    log_dir=log_dir,
                                     timeout_s=timeout_s, pass_threshold=pass_threshold,
                                     reward_function=reward_function)
                         for i in range(num_workers)]
@@ -234,7 +236,7 @@ class VerifierPool:
         v = cfg.verifier
         return cls(v.num_workers, timeout_s=v.timeout_s, pass_threshold=v.pass_threshold,
                    reward_function=v.reward_function, num_cpus_per_worker=v.num_cpus_per_worker,
-                   name_prefix=name_prefix)
+                   name_prefix=name_prefix, log_dir=actor_log_dir(cfg))
 
     def submit(self, pairs: Sequence[tuple[str, str]]) -> ray.ObjectRef:
         """Score (response, answer) pairs on the next worker (round robin); the ref resolves to

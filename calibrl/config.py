@@ -212,6 +212,12 @@ class TrainerConfig:
     """Seed for data order, sampling and initialisation."""
     ray_address: str | None = None
     """Ray cluster to join (None: the running cluster if any, else a local one)."""
+    log_level: str = "info"
+    """`info`: the console shows calibrl's progress and every actor's warnings and errors, third-party
+    output goes to `output_dir/logs/{actor}.log`; `debug` (`--verbose`): everything on the console."""
+
+
+LOG_LEVELS = ("info", "debug")
 
 
 @dataclass
@@ -305,6 +311,8 @@ def validate(cfg: Config) -> Config:
     need(ln.optimizer in ("adamw", "sgd"), f"learner.optimizer={ln.optimizer!r}: adamw or sgd")
     need(ln.lr_schedule in ("constant", "cosine"),
          f"learner.lr_schedule={ln.lr_schedule!r}: constant or cosine")
+    need(t.log_level in LOG_LEVELS,
+         f"trainer.log_level={t.log_level!r} is unknown; choose one of {', '.join(LOG_LEVELS)}")
     need(t.resume in ("auto", "never") or os.path.exists(t.resume),
          f"trainer.resume={t.resume!r} is neither auto, never nor an existing checkpoint path")
 

@@ -7,6 +7,9 @@
     calibrl report RUN_DIR                                        PNG plots + summary.md
     calibrl make-demo-data OUT_DIR                                tiny local models + synthetic parquet splits
     calibrl demo [key=value ...]                                  the CPU demo: data, CalibRL training, report
+
+`--verbose` (train, compare, demo) puts every process's output on the console, as
+`trainer.log_level=debug` does; by default third-party output goes to RUN_DIR/logs/.
 """
 
 from __future__ import annotations
@@ -144,7 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] not in COMMANDS:
         print(__doc__)
         raise SystemExit(2 if argv and argv[0] not in ("-h", "--help") else 0)
-    COMMANDS[argv[0]](argv[1:])
+    command, rest = argv[0], argv[1:]
+    if "--verbose" in rest and command in ("train", "compare", "demo"):
+        rest = [a for a in rest if a != "--verbose"] + ["trainer.log_level=debug"]
+    COMMANDS[command](rest)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -11,20 +12,24 @@ import ray
 from calibrl.config import Config
 
 
-def connect_ray(address: str | None, *, num_cpus: int) -> None:
+def connect_ray(address: str | None, *, num_cpus: int, quiet: bool = True) -> None:
     """Join `address` (trainer.ray_address) or $RAY_ADDRESS (set by `ray job submit`); otherwise start a
-    local cluster. A cluster merely running on the machine is not joined uninvited."""
+    local cluster. A cluster merely running on the machine is not joined uninvited. `quiet`: Ray's
+    own info and warnings at start-up stay off the console (errors still show)."""
     if ray.is_initialized():
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}}
+    level = {"logging_level": logging.ERROR} if quiet else {}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env)
-        print(f"[calibrl] joined the Ray cluster at {address}", file=sys.stderr)
+        ray.init(address=address, runtime_env=env, **level)
+        print(f"[calibrl] joined the Ray cluster at {address}", file=sys.stderr, flush=True)
         return
     dashboard = os.environ.get("CALIBRL_DASHBOARD", "1") == "1"
-    ray.init(num_cpus=num_cpus, runtime_env=env, include_dashboard=dashboard)
-    print(f"[calibrl] started a local Ray cluster ({num_cpus} logical CPUs)", file=sys.stderr)
+    context = ray.init(num_cpus=num_cpus, runtime_env=env, include_dashboard=dashboard, **level)
+    url = f"; dashboard http://{context.dashboard_url}" if dashboard and context.dashboard_url else ""
+    print(f"[calibrl] started a local Ray cluster ({num_cpus} logical CPUs{url})", file=sys.stderr,
+          flush=True)
 
 
 def needed_cpus(cfg: Config) -> int:

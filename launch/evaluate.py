@@ -8,33 +8,47 @@ Used by the trainer every `trainer.eval_every_steps` and at the end, and by
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 
 import ray
 
 from actors.rollout import RolloutRequest, SamplingSpec
 from calibrl.data.schema import Example
 
+CHUNK_PROMPTS = 32
+"""Prompts per generation request: the unit of progress, and of work spread over the workers."""
 
-def _generate(workers: list, examples: list[Example], sampling: SamplingSpec, seed: int) -> list:
-    """Results in example order; the examples are split evenly over the workers."""
-    per = -(-len(examples) // len(workers))
-    refs = []
-    for w, start in zip(workers, range(0, len(examples), per)):
+
+def _generate(workers: list, examples: list[Example], sampling: SamplingSpec, seed: int,
+              on_progress: Callable[[int], None] | None = None) -> list:
+    """Results in example order; chunks of the examples go to the workers round robin, and
+    `on_progress(prompts)` is called as each chunk completes."""
+    refs, sizes = [], {}
+    for k, start in enumerate(range(0, len(examples), CHUNK_PROMPTS)):
         reqs = [RolloutRequest(prompt_id=e.id, prompt=e.prompt, images=list(e.images), seed=seed + start + j)
-                for j, e in enumerate(examples[start:start + per])]
-        refs.append(w.generate.remote(reqs, sampling))
+                for j, e in enumerate(examples[start:start + CHUNK_PROMPTS])]
+        refs.append(workers[k % len(workers)].generate.remote(reqs, sampling))
+        sizes[refs[-1]] = len(reqs)
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        if on_progress:
+            on_progress(sizes[done[0]])
     return [r for part in ray.get(refs) for r in part]
 
 
 def evaluate(workers: list, verifiers, examples: list[Example], *, pass_k: int, temperature: float,
-             max_tokens: int, seed: int = 0) -> tuple[dict[str, float], dict[str, str]]:
-    """(metrics, {prompt id: (greedy response text, its accuracy)})."""
+             max_tokens: int, seed: int = 0, on_progress: Callable[[int], None] | None = None
+             ) -> tuple[dict[str, float], dict[str, str]]:
+    """(metrics, {prompt id: (greedy response text, its accuracy)}). `on_progress(prompts)` counts
+    the prompts generated (greedy, then sampled: 2 x len(examples) in all when pass_k > 0)."""
     if not examples:
         return {}, {}
-    greedy = _generate(workers, examples, SamplingSpec(n=1, temperature=0.0, max_tokens=max_tokens), seed)
+    greedy = _generate(workers, examples, SamplingSpec(n=1, temperature=0.0, max_tokens=max_tokens), seed,
+                       on_progress)
     sampled = (_generate(workers, examples,
                          SamplingSpec(n=pass_k, temperature=temperature, max_tokens=max_tokens),
-                         seed + 7919) if pass_k > 0 else [])
+                         seed + 7919, on_progress) if pass_k > 0 else [])
     texts = [r.samples[0].text for r in greedy] + [s.text for r in sampled for s in r.samples]
     answers = ([e.answer for e in examples]
                + [e.answer for e in examples for _ in range(pass_k if sampled else 0)])

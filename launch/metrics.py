@@ -1,4 +1,4 @@
-"""Metric sinks: a JSONL file, TensorBoard, Ray custom metrics (dashboard) and a console line.
+"""Metric sinks: a JSONL file, TensorBoard and Ray custom metrics (Prometheus, through Ray's metrics export).
 
 One `MetricsLogger.log(step, metrics)` call writes to all of them. The JSONL file is appended
 and flushed each step, so a crash loses nothing already logged; on resume the lines of steps
@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sys
 import time
 
 
@@ -24,7 +23,6 @@ class MetricsLogger:
 
         self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         self.gauges = {}
-        self._first_console: tuple[int, float] | None = None
         if ray_metrics:
             from ray.util.metrics import Gauge
 
@@ -54,19 +52,6 @@ class MetricsLogger:
                     if name not in self.gauges:
                         self.gauges[name] = self._gauge_cls(name, description=f"calibrl {k}")
                     self.gauges[name].set(float(record[k]))
-
-    def console(self, step: int, metrics: dict[str, float], keys: dict[str, str]) -> None:
-        """One progress line: a bar, step/total, `label=value` for each label -> metric key, elapsed, eta."""
-        now = time.time()
-        if self._first_console is None:
-            self._first_console = (step - 1, now - float(metrics.get("time/step_s", 0.0)))
-        first_step, first_time = self._first_console
-        elapsed = now - self.start
-        eta = (now - first_time) / max(step - first_step, 1) * (self.total_steps - step)
-        parts = [f"{label}={metrics[k]:.3f}" for label, k in keys.items() if k in metrics]
-        bar = "#" * int(20 * step / max(self.total_steps, 1))
-        print(f"[{bar:<20}] step {step}/{self.total_steps} {' '.join(parts)} "
-              f"({elapsed:.0f}s, eta {eta:.0f}s)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         self.tb.close()

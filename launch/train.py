@@ -27,7 +27,14 @@ from actors.learner import Learner, gather_rank_rows
 from actors.rollout import RolloutWorker
 from actors.verifier import VerifierPool
 from actors.weight_sync import WEIGHT_SYNCS
-from calibrl.algo import METHODS, SFT_WARMUP_METHOD, CalibrationStage, Group, attach_expert_logprobs
+from calibrl.algo import (
+    METHODS,
+    SFT_WARMUP_METHOD,
+    CalibrationStage,
+    ExpertTrajectory,
+    Group,
+    attach_expert_logprobs,
+)
 from calibrl.algo.metrics import (
     batch_metrics,
     gradient_shares,
@@ -43,6 +50,13 @@ from launch import checkpoint as ckpt
 from launch.cluster import connect_ray, needed_cpus
 from launch.evaluate import evaluate
 from launch.metrics import MetricsLogger
+from launch.progress import Progress
+
+PROMPT_DEPENDENCE_PROMPTS = 64
+"""Held-out prompts `val/prompt_dependence` is measured on at each evaluation."""
+PROGRESS_KEYS = {"reward": "reward/mean", "acc": "acc/mean", "entropy": "policy/entropy",
+                 "calib": "loss/calib"}
+"""What the RL progress bar shows: label -> metric."""
 from launch.rollout_stream import PendingRollout, RolloutStream, step_seed
 
 
@@ -67,7 +81,7 @@ class Trainer:
         self.train_examples, report = load_examples(c.data.train_files, **read)
         self.val_sets = {path: load_examples([path], **read)[0] for path in c.data.val_files}
         if report.rows_skipped:
-            print(f"[calibrl] data: {report.summary()}", file=sys.stderr)
+            print(f"[calibrl] data: {report.summary()}", file=sys.stderr, flush=True)
         self.sampler = PromptSampler(self.train_examples, c.trainer.prompts_per_step, seed=c.trainer.seed,
                                      shuffle=c.data.shuffle)
         self.sft_sampler = PromptSampler(self.train_examples, c.trainer.sft_batch_prompts,
@@ -92,6 +106,7 @@ class Trainer:
                                     experts=self.experts, pad_token_id=self.tokenizer.pad_token_id)
         self.weight_sync = WEIGHT_SYNCS[c.rollout.weight_sync](self.learners, self.rollout)
         self.logger = MetricsLogger(self.out, total_steps=c.trainer.total_steps)
+        self.progress = Progress()
         self.step = 0
         self.sft_step = 0
         self.version = 0  # weights version the learners hold
@@ -110,9 +125,11 @@ class Trainer:
             self.log_eval(self.evaluate_now(), phase="start")  # the starting point, for the report
         if self.sft_step < c.sft_warmup_steps:
             ray.get(self.learners.run("set_lr", self.cfg.learner.sft_lr or self.cfg.learner.lr))
+            self.progress.phase("SFT warm-up", c.sft_warmup_steps, initial=self.sft_step)
             while self.sft_step < c.sft_warmup_steps:
                 self.sft_step += 1
                 self.log_sft(self.sft_update(SFT_WARMUP_METHOD))
+            self.progress.close()
             ray.get(self.learners.run("set_lr", self.cfg.learner.lr))
             if self.cfg.learner.reset_optimizer_after_sft:
                 ray.get(self.learners.run("reset_optimizer"))
@@ -122,10 +139,13 @@ class Trainer:
             raise RuntimeError(f"{self.resume_from} is at step {self.step}, and "
                                f"trainer.total_steps={c.total_steps}: "
                                "nothing left to train. Raise trainer.total_steps to continue this run.")
+        self.progress.phase(f"{self.cfg.algorithm.name} steps", c.total_steps, initial=self.step)
         while self.step < c.total_steps:
             self.step += 1
             if not self.method.needs_rollouts:  # the SFT baseline: expert trajectories only
-                self.logger.log(self.step, self.sft_update(self.cfg.algorithm.name))
+                metrics = self.sft_update(self.cfg.algorithm.name)
+                self.logger.log(self.step, metrics)
+                self.progress.advance(loss=metrics.get("loss/total", float("nan")))
             else:
                 # synchronous mode samples here; one-step-off mode already started it during the last step
                 self.pending = self.train_step(self.pending or self.start_rollout(self.step))
@@ -133,6 +153,7 @@ class Trainer:
                 self.log_eval(self.evaluate_now(), phase="periodic")
             if c.save_every_steps and self.step % c.save_every_steps == 0 and self.step < c.total_steps:
                 self.save()
+        self.progress.close()
         final = self.evaluate_now()
         self.log_eval(final, phase="final")
         self.save()
@@ -145,9 +166,9 @@ class Trainer:
         batch, metrics = self.stream.finish(pending)
         t_rollout = time.time()
         if len(batch) == 0:  # dynamic sampling found no informative group within its rounds
-            print(f"[calibrl] step {self.step}: no informative group after {metrics['sampling/rounds']} "
-                  "sampling "
-                  "rounds; no update this step", file=sys.stderr, flush=True)
+            self.progress.line(f"[calibrl] step {self.step}: no informative group after "
+                               f"{metrics['sampling/rounds']} sampling rounds; no update this step")
+            self.progress.advance()
             self.logger.log(self.step, metrics | {"sampling/skipped_step": 1.0})
             return None
         one_step_off = c.trainer.one_step_off and self.step < c.trainer.total_steps
@@ -180,9 +201,7 @@ class Trainer:
                     "time/step_s": time.time() - t0,
                     "perf/tokens_per_s": float(batch.response_length.sum()) / max(time.time() - t0, 1e-9)}
         self.logger.log(self.step, metrics)
-        self.logger.console(self.step, metrics, {"reward": "reward/mean", "acc": "acc/mean",
-                                                 "calib": "loss/calib",
-                                                 "entropy": "policy/entropy", "s/step": "time/step_s"})
+        self.progress.advance(**{label: metrics[k] for label, k in PROGRESS_KEYS.items() if k in metrics})
         return next_pending
 
     # ---- SFT warm-up ------------------------------------------------------------------------------
@@ -254,11 +273,14 @@ class Trainer:
         t = self.cfg.trainer
         self.sync_weights()
         out, greedy = {}, {}
-        for path, examples in self.val_sets.items():
+        sets = {path: examples[: t.eval_max_prompts or None] for path, examples in self.val_sets.items()}
+        bar = self.progress.task("eval", sum(map(len, sets.values())) * (2 if t.eval_pass_k else 1), "prompt")
+        for path, examples in sets.items():
             name = os.path.splitext(os.path.basename(path))[0]
-            res, texts = evaluate(self.rollout, self.verifiers, examples[: t.eval_max_prompts or None],
-                           pass_k=t.eval_pass_k, temperature=self.cfg.rollout.temperature,
-                           max_tokens=self.cfg.rollout.max_response_length, seed=step_seed(t.seed, self.step))
+            res, texts = evaluate(self.rollout, self.verifiers, examples,
+                                  pass_k=t.eval_pass_k, temperature=self.cfg.rollout.temperature,
+                                  max_tokens=self.cfg.rollout.max_response_length,
+                                  seed=step_seed(t.seed, self.step), on_progress=bar.update)
             prefix = "val" if len(self.val_sets) == 1 else f"val/{name}"
             out |= {k.replace("val", prefix, 1): v for k, v in res.items()}
             greedy |= {f"{path}:{k}": v for k, v in texts.items()}
@@ -269,22 +291,46 @@ class Trainer:
             gain, half_width = paired_gain({k: v[1] for k, v in self.sft_greedy.items()},
                                            {k: v[1] for k, v in greedy.items()})
             out |= {"val/gain_vs_sft": gain, "val/gain_vs_sft_ci95": half_width}
+        bar.close()
+        first = next(iter(sets.values()), [])
+        out["val/prompt_dependence"] = self.prompt_dependence(first[:PROMPT_DEPENDENCE_PROMPTS])
         self.last_greedy = greedy
         return out
+
+    def prompt_dependence(self, examples: list[Example]) -> float:
+        """How much the policy reads its prompt: the log-prob of each held-out expert trajectory under
+        its own prompt minus under the next example's prompt, per token (nats). About 0 for a policy
+        that answers from the marginal distribution whatever it is asked; then no reward it earns
+        can carry over to held-out prompts (docs/results/README.md)."""
+        examples = [e for e in examples if e.experts]
+        if len(examples) < 2:
+            return float("nan")
+        eos = self.tokenizer.eos_token_id
+        experts = [ExpertTrajectory(self.tokenizer(e.experts[0], add_special_tokens=False).input_ids + [eos],
+                                    e.experts[0]) for e in examples]
+        totals = []
+        for shift in (0, 1):
+            stage = CalibrationStage(pad_token_id=self.tokenizer.pad_token_id, mixup="always")
+            for i, (e, expert) in enumerate(zip(examples, experts)):
+                prompt = examples[(i + shift) % len(examples)]
+                stage.add(Group(prompt_id=e.id, prompt_token_ids=self.prompt_ids(prompt), answer=e.answer,
+                                responses=[], verdicts=[], experts=[expert], images=list(prompt.images)))
+            batch, _ = stage.assemble()
+            results = ray.get(self.learners.run("compute_logprobs", ray.put(batch)))
+            logp = gather_rank_rows(results, "logp", tuple(batch.response_ids.shape))
+            totals.append(float(logp[batch.response_mask].sum()))
+        return (totals[0] - totals[1]) / sum(len(x.token_ids) for x in experts)
 
     def log_eval(self, metrics: dict, *, phase: str) -> None:
         self.logger.log(self.step, metrics | {"phase": phase}, kind="eval")
         shown = {k: v for k, v in metrics.items() if k.count("/") == 1 and k != "val/prompts"}
-        print(f"[calibrl] eval at step {self.step} ({phase}): "
-              + " ".join(f"{k}={v:.3f}" for k, v in shown.items()),
-              file=sys.stderr, flush=True)
+        self.progress.line(f"[calibrl] eval at step {self.step} ({phase}): "
+                           + " ".join(f"{k}={v:.3f}" for k, v in shown.items()))
 
     def log_sft(self, metrics: dict) -> None:
         self.logger.log(self.sft_step, {f"sft/{k.split('/', 1)[-1]}": v for k, v in metrics.items()},
                         kind="sft")
-        if self.sft_step % 10 == 0 or self.sft_step == self.cfg.trainer.sft_warmup_steps:
-            print(f"[calibrl] sft warm-up {self.sft_step}/{self.cfg.trainer.sft_warmup_steps} "
-                  f"loss={metrics.get('loss/total', float('nan')):.3f}", file=sys.stderr, flush=True)
+        self.progress.advance(loss=metrics.get("loss/total", float("nan")))
 
     def save(self) -> str:
         tmp = ckpt.begin(self.out, self.step)
@@ -295,7 +341,7 @@ class Trainer:
                  "rng": ckpt.rng_state()}
         path = ckpt.commit(tmp, state=state, config_yaml=to_yaml(self.cfg), experts_dir=self.experts_dir,
                            keep=self.cfg.trainer.keep_checkpoints)
-        print(f"[calibrl] checkpoint {path}", file=sys.stderr, flush=True)
+        self.progress.line(f"[calibrl] checkpoint {path}")
         return path
 
     def restore(self, path: str) -> None:
@@ -307,7 +353,7 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.logger.truncate_after(self.step, self.sft_step)
         self.synced_version = -1  # the engines serve the initial weights: push before they next read
-        print(f"[calibrl] resumed from {path} at step {self.step}", file=sys.stderr, flush=True)
+        self.progress.line(f"[calibrl] resumed from {path} at step {self.step}")
 
     def shutdown(self) -> None:
         """Stop every actor of this run (their names become free for the next run in this cluster)."""
@@ -325,7 +371,8 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict:
-    connect_ray(cfg.trainer.ray_address, num_cpus=max(os.cpu_count() or 1, needed_cpus(cfg)))
+    connect_ray(cfg.trainer.ray_address, num_cpus=max(os.cpu_count() or 1, needed_cpus(cfg)),
+                quiet=cfg.trainer.log_level != "debug")
     trainer = Trainer(cfg)
     try:
         return trainer.fit()

@@ -47,6 +47,8 @@ IMAGE_TASKS = ("count-color", "count-shape", "count-total", "compare-shapes")
 EXTRA_IMAGE_TASKS = ("color-of",)
 """Image tasks outside the default mix (ask for them with `tasks=`)."""
 TEXT_TASKS = ("arith-add", "arith-sub")
+TEXT_LEVEL_0 = 0
+"""Arithmetic only: operands 0..4 (+) and 1..5 minus 0..itself (-), a table of 45 facts."""
 
 
 @dataclass(frozen=True)
@@ -168,11 +170,11 @@ def _image_problem(rng: np.random.Generator, task: str, level: Level, grid: int)
 def _text_problem(rng: np.random.Generator, task: str, difficulty: int):
     """(operands, question, answer, thought) for one arithmetic task."""
     if task == "arith-add":
-        low, high, count = {1: (0, 9, 2), 2: (10, 49, 2), 3: (1, 30, 3)}[difficulty]
+        low, high, count = {0: (0, 4, 2), 1: (0, 9, 2), 2: (10, 49, 2), 3: (1, 30, 3)}[difficulty]
         operands = [int(x) for x in rng.integers(low, high + 1, size=count)]
         op = "+"
     elif task == "arith-sub":
-        first = int(rng.integers(*{1: (1, 10), 2: (10, 100), 3: (20, 100)}[difficulty]))
+        first = int(rng.integers(*{0: (1, 6), 1: (1, 10), 2: (10, 100), 3: (20, 100)}[difficulty]))
         operands, left = [first], first
         for _ in range(2 if difficulty == 3 else 1):
             operands.append(int(rng.integers(0, left + 1)))
@@ -193,10 +195,11 @@ def _text_problem(rng: np.random.Generator, task: str, difficulty: int):
 # Public API
 
 
-def _levels(difficulty: int | Sequence[int]) -> tuple[int, ...]:
+def _levels(difficulty: int | Sequence[int], multimodal: bool) -> tuple[int, ...]:
     levels = (difficulty,) if isinstance(difficulty, int) else tuple(difficulty)
-    if not levels or any(d not in LEVELS for d in levels):
-        raise ValueError(f"difficulty={difficulty!r}: give levels among {sorted(LEVELS)}")
+    known = sorted(LEVELS) if multimodal else [TEXT_LEVEL_0, *sorted(LEVELS)]
+    if not levels or any(d not in known for d in levels):
+        raise ValueError(f"difficulty={difficulty!r}: give levels among {known}")
     return levels
 
 
@@ -205,7 +208,7 @@ def generate_problems(n: int, *, seed: int, split: str, difficulty: int | Sequen
                       tasks: Sequence[str] | None = None) -> list[Problem]:
     """`n` problems; `difficulty` lists the levels drawn from (uniformly, per problem); `tasks` the
     task mix (default: IMAGE_TASKS, or TEXT_TASKS when not multimodal)."""
-    levels = _levels(difficulty)
+    levels = _levels(difficulty, multimodal)
     if image_px % CELL_PX or image_px < CELL_PX:
         raise ValueError(f"image_px={image_px} must be a positive multiple of {CELL_PX}")
     grid = image_px // CELL_PX

@@ -76,8 +76,9 @@ def test_image_answers_are_correct(difficulty):
         assert FORMAT.match(expert) and expert.endswith(f"<answer>{ex.answer}</answer>") and len(expert) <= 64
 
 
-def test_text_only_answers_are_correct():
-    problems = generate_problems(40, seed=1, split="test", difficulty=(1, 2, 3), multimodal=False)
+@pytest.mark.parametrize("levels", [(0,), (1, 2, 3)])
+def test_text_only_answers_are_correct(levels):
+    problems = generate_problems(40, seed=1, split="test", difficulty=levels, multimodal=False)
     assert {p.example.data_source for p in problems} == {"synthetic/arith-add", "synthetic/arith-sub"}
     for p in problems:
         ex = p.example
@@ -85,6 +86,15 @@ def test_text_only_answers_are_correct():
         expr = re.match(r"What is ([\d +-]+)\?", ex.prompt).group(1)
         assert int(ex.answer) == eval(expr) >= 0
         assert FORMAT.match(ex.experts[0]) and ex.experts[0].endswith(f"<answer>{ex.answer}</answer>")
+
+
+def test_text_level_0_is_a_table_of_45_facts_and_has_no_image_version():
+    problems = generate_problems(2000, seed=0, split="train", difficulty=0, multimodal=False)
+    facts = {(p.task, p.operands) for p in problems}
+    assert len(facts) == 45  # 5 x 5 sums of 0..4, and a - b for 1 <= a <= 5, 0 <= b <= a
+    assert max(max(f) for _, f in facts) == 5 and min(min(f) for _, f in facts) == 0
+    with pytest.raises(ValueError, match="difficulty=0"):
+        generate_problems(1, seed=0, split="train", difficulty=0, multimodal=True)
 
 
 def test_written_splits_load_cleanly(tmp_path):

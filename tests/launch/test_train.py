@@ -59,7 +59,7 @@ def rollout_records(out):
 def test_three_steps_end_to_end(ray_local, tiny_models, data_dir, tmp_path):
     out = str(tmp_path / "run")
     cfg = load_config(None, overrides(tiny_models, data_dir, out, "trainer.total_steps=3",
-                                      "trainer.save_every_steps=2",
+                                      "trainer.save_every_steps=2", "rollout.temperature=0.8",
                                       "verifier.reward_function=tests.launch.reward_fns:odd_length"))
     trainer, info = run(cfg)
     steps = train_records(out)
@@ -71,7 +71,7 @@ def test_three_steps_end_to_end(ray_local, tiny_models, data_dir, tmp_path):
                     "train/approx_kl", "policy/expert_minus_policy_logp", "time/rollout_s", "time/train_s",
                     "time/sync_s", "perf/tokens_per_s", "weights/staleness_max"):
             assert key in r, key
-        # the learner recomputes exactly what vLLM sampled with (same weights, same inputs)
+        # the learner recomputes exactly what vLLM sampled from (same weights, inputs and temperature)
         assert r["policy/rollout_vs_learner_logp_gap"] < 1e-3
     assert info["weights_version"] == trainer.version == 3  # the engine serves the last update
     evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
