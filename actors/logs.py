@@ -3,9 +3,9 @@
 Quiet mode (`trainer.log_level=info`, the default): everything a process writes to stdout and
 stderr (vLLM, DeepSpeed, transformers, native code) goes to `{run dir}/logs/{actor}.log`; log
 records at WARNING and above still reach the console, through the actor's original stderr that
-Ray forwards to the driver, prefixed `(rollout-0 pid=...)` by Ray (each role's `__repr__` is its
-name). A few warnings known to be false alarms are kept out of the console (they stay in the
-file). Verbose mode (`trainer.log_level=debug`): nothing is redirected.
+Ray forwards to the driver, prefixed `(rollout-0 pid=...)` by Ray. Warnings known to be false
+alarms or expected notices (`FALSE_ALARMS`) are kept out of the console (they stay in the file).
+Verbose mode (`trainer.log_level=debug`): nothing is redirected.
 """
 
 from __future__ import annotations
@@ -20,7 +20,13 @@ FALSE_ALARMS = (
     "Failed to load weights",
     # the CPU backend pins its threads once; later set_num_threads calls are skipped, as they should
     "doesn't allow to use `torch.set_num_threads`",
+    # vLLM's start-up notices about choices calibrl makes on purpose (eager mode, a seeded
+    # in-process engine) or about the CPU build (no Triton, no tcmalloc/iomp preload)
+    "Enforce eager set", "Inductor compilation was disabled", "The global random seed is set to",
+    "Triton is installed, but doesn't include CPU backend", "Triton is not installed",
+    "Model Runner V2 requires Triton", "Reset SSM cache type", "is not found in LD_PRELOAD",
 )
+"""Warnings kept out of the console (they stay in the actor's log file)."""
 try:
     from ray._private.ray_constants import LOG_PREFIX_ACTOR_NAME as ACTOR_NAME_TOKEN
 except ImportError:  # the value of every Ray release so far

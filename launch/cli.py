@@ -1,6 +1,7 @@
 """`calibrl` command line.
 
     calibrl train CONFIG.yaml [MORE.yaml ...] [key=value ...]   train (joins a running Ray cluster if any)
+    calibrl submit CONFIG.yaml [...] [--address URL] [--follow]  the same as a Ray job on a cluster
     calibrl eval CHECKPOINT_OR_MODEL --data FILE.parquet [...]    greedy accuracy, pass@k, format rate, length
     calibrl compare CONFIG.yaml [...] --variants calibrl,grpo --seeds 0,1,2 [--out DIR]
                                                                   methods x seeds from a shared SFT start
@@ -128,6 +129,12 @@ def cmd_demo(argv: list[str]) -> None:
           f"{end.get('val/accuracy', 0.0):.3f} after RL{gain}; {time.time() - t0:.0f} s", flush=True)
 
 
+def cmd_submit(argv: list[str]) -> None:
+    from launch.submit import main
+
+    main(argv)
+
+
 def cmd_compare(argv: list[str]) -> None:
     from launch.compare import main
 
@@ -138,8 +145,8 @@ def cmd_make_demo_data(argv: list[str]) -> None:
     print(json.dumps(make_demo_data(*(argv[:1] or [DEMO_ROOT])), indent=2))
 
 
-COMMANDS = {"train": cmd_train, "compare": cmd_compare, "eval": cmd_eval, "report": cmd_report,
-            "demo": cmd_demo, "make-demo-data": cmd_make_demo_data}
+COMMANDS = {"train": cmd_train, "submit": cmd_submit, "compare": cmd_compare, "eval": cmd_eval,
+            "report": cmd_report, "demo": cmd_demo, "make-demo-data": cmd_make_demo_data}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -148,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         raise SystemExit(2 if argv and argv[0] not in ("-h", "--help") else 0)
     command, rest = argv[0], argv[1:]
-    if "--verbose" in rest and command in ("train", "compare", "demo"):
+    if "--verbose" in rest and command in ("train", "submit", "compare", "demo"):
         rest = [a for a in rest if a != "--verbose"] + ["trainer.log_level=debug"]
     COMMANDS[command](rest)
 

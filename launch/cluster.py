@@ -22,7 +22,10 @@ def connect_ray(address: str | None, *, num_cpus: int, quiet: bool = True) -> No
     level = {"logging_level": logging.ERROR} if quiet else {}
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env=env, **level)
+        # a job's driver (`calibrl submit`, `ray job submit`) runs under the job's runtime env, which
+        # Ray will not merge with another one
+        in_job = "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ
+        ray.init(address=address, **({} if in_job else {"runtime_env": env}), **level)
         print(f"[calibrl] joined the Ray cluster at {address}", file=sys.stderr, flush=True)
         return
     dashboard = os.environ.get("CALIBRL_DASHBOARD", "1") == "1"

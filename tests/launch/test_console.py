@@ -39,7 +39,8 @@ CHATTY_ACTOR = textwrap.dedent("""
 
 def run(args, **kw):
     env = dict(os.environ, PYTHONPATH=ROOT, RAY_ADDRESS="")
-    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False,
+                          **kw)
 
 
 def test_an_actors_output_goes_to_its_log_file_and_its_warnings_to_the_console(tmp_path):
@@ -67,7 +68,8 @@ def test_a_training_run_prints_a_short_account_of_itself(tiny_models, tmp_path):
                 f"model.path={tiny_models['tiny-qwen2.5-vl']}", f"data.train_files=[{data}/train.parquet]",
                 f"data.val_files=[{data}/val.parquet]", "rollout.samples_per_prompt=2",
                 "rollout.max_response_length=8", "rollout.kv_cache_memory_mib=64",
-                "trainer.prompts_per_step=2", "learner.mini_batch_prompts=2", "trainer.sft_warmup_steps=2",
+                "trainer.prompts_per_step=2", "learner.mini_batch_prompts=2",
+                "learner.micro_batch_per_device=4", "trainer.sft_warmup_steps=2",
                 "trainer.sft_batch_prompts=2", "trainer.total_steps=2", "trainer.eval_every_steps=0",
                 "trainer.eval_max_prompts=4", "trainer.save_every_steps=0", f"trainer.output_dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
