@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str, *, total_steps: int, ray_metrics: bool = True):
+    def __init__(self, output_dir: str, *, total_steps: int, ray_metrics: bool = True, run_name: str = ""):
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.total_steps = total_steps
@@ -23,6 +24,7 @@ class MetricsLogger:
 
         self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
         self.gauges = {}
+        self.run_name = run_name or os.path.basename(os.path.abspath(output_dir))
         if ray_metrics:
             from ray.util.metrics import Gauge
 
@@ -46,12 +48,18 @@ class MetricsLogger:
                 self.tb.add_scalar(k, v, step)
         self.tb.flush()
         if self._gauge_cls is not None:
-            for k in ("reward/mean", "acc/mean", "val/accuracy", "policy/entropy", "loss/calib"):
-                if k in record and isinstance(record[k], (int, float)):
-                    name = "calibrl_" + k.replace("/", "_")
-                    if name not in self.gauges:
-                        self.gauges[name] = self._gauge_cls(name, description=f"calibrl {k}")
-                    self.gauges[name].set(float(record[k]))
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self._gauge(k).set(float(v), tags={"run": self.run_name, "kind": kind})
+
+    def _gauge(self, key: str):
+        """The Ray gauge of metric `key`: `calibrl_` + the key with every other character than
+        [a-zA-Z0-9_] as `_` (Prometheus shows it as `ray_calibrl_...`)."""
+        name = "calibrl_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+        if name not in self.gauges:
+            self.gauges[name] = self._gauge_cls(name, description=f"calibrl metric {key}",
+                                                tag_keys=("run", "kind"))
+        return self.gauges[name]
 
     def close(self) -> None:
         self.tb.close()

@@ -3,6 +3,7 @@ errors of any actor still reach the console under the actor's name, and a run pr
 readable account of itself (real processes: a Ray actor, then `calibrl train` end to end)."""
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,6 +11,7 @@ import textwrap
 import pytest
 
 from calibrl.data.synthetic import write_splits
+from launch.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -71,7 +73,8 @@ def test_a_training_run_prints_a_short_account_of_itself(tiny_models, tmp_path):
                 "trainer.prompts_per_step=2", "learner.mini_batch_prompts=2",
                 "learner.micro_batch_per_device=4", "trainer.sft_warmup_steps=2",
                 "trainer.sft_batch_prompts=2", "trainer.total_steps=2", "trainer.eval_every_steps=0",
-                "trainer.eval_max_prompts=4", "trainer.save_every_steps=0", f"trainer.output_dir={out}"])
+                "trainer.eval_max_prompts=4", "trainer.save_every_steps=0", f"trainer.output_dir={out}",
+                "verifier.reward_function=tests.launch.reward_fns:odd_length"])  # a signal: losses get logged
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = (proc.stdout + proc.stderr).splitlines()
     assert len(lines) <= 15, "\n".join(lines)
@@ -80,6 +83,12 @@ def test_a_training_run_prints_a_short_account_of_itself(tiny_models, tmp_path):
     # the progress bars ran to completion (refreshed in place: carriage returns within one line)
     assert any("SFT warm-up" in line and "2/2" in line for line in lines), lines
     assert any("calibrl steps" in line and "2/2" in line for line in lines), lines
+    # every metric the Grafana dashboard plots is one this run exported (launch/metrics.py names)
+    exported = {"ray_calibrl_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+                for record in read_metrics(str(out)) for key in record}
+    with open(os.path.join(ROOT, "docker", "grafana", "calibrl.json")) as f:
+        plotted = set(re.findall(r"ray_calibrl_\w+", f.read()))
+    assert plotted and plotted <= exported, plotted - exported
     logs = sorted(os.listdir(out / "logs"))
     assert logs == ["expert-store.log", "learner-0.log", "rollout-0.log", "verifier-0.log"], logs
     assert "Initializing a V1 LLM engine" in (out / "logs" / "rollout-0.log").read_text()
