@@ -188,10 +188,13 @@ class Learner:
         rows = torch.arange(batch.response_ids.shape[0])
         mine = rows[self.rank::self.world_size]
         logps, ents = [], []
-        for chunk in torch.split(mine, self.micro_batch_per_device):
-            lp, ent = self._forward(batch, chunk, with_entropy=True)
-            logps.append(lp.float().cpu())
-            ents.append(ent.float().cpu())
+        # every rank runs the same number of forwards (a rank that runs short repeats row 0 and drops
+        # the result): ZeRO-3 gathers each layer's parameters from all ranks on every forward
+        for chunk in self._my_rows(rows):
+            lp, ent = self._forward(batch, chunk if len(chunk) else rows[:1], with_entropy=True)
+            if len(chunk):
+                logps.append(lp.float().cpu())
+                ents.append(ent.float().cpu())
         empty = torch.zeros(0, batch.response_ids.shape[1])
         return {"rows": mine, "logp": torch.cat(logps) if logps else empty,
                 "entropy": torch.cat(ents) if ents else empty}

@@ -92,3 +92,29 @@ def test_update_independent_of_micro_batches_and_ranks(ray_local, tiny_models):
     assert moved > 1e-4  # the step did something
     for k in init:
         assert torch.allclose(one_rank[k], two_ranks[k], atol=1e-6, rtol=1e-4), k
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_zero3_log_probs_with_rows_that_do_not_divide_over_ranks(ray_local, tiny_models, ranks):
+    """9 rows over 2 or 4 ZeRO-3 ranks at micro-batch 1: the ranks hold 5/4 or 3/2/2/2 rows, yet run
+    the same number of forwards (ZeRO-3 gathers each layer from every rank), so nothing hangs; the
+    log-probs equal one rank's."""
+    batch = fixed_batch(num_groups=3, n=2)  # 3 x (2 + 1 expert) = 9 rows
+    single = ActorGroup(Learner, 1, name_prefix=f"learner-z3ref{ranks}", num_cpus_per_actor=0.5,
+                        model_path=tiny_models["tiny-qwen2"], zero_stage=3, micro_batch_per_device=1)
+    try:
+        expected = old_logprobs(single, batch)
+    finally:
+        single.shutdown()
+    learners = ActorGroup(Learner, ranks, name_prefix=f"learner-z3x{ranks}", num_cpus_per_actor=0.5,
+                          model_path=tiny_models["tiny-qwen2"], zero_stage=3, lr=1e-3,
+                          micro_batch_per_device=1)
+    try:
+        results = ray.get(learners.run("compute_logprobs", batch), timeout=240)  # a deadlock fails here
+        got = gather_rank_rows(results, "logp", tuple(batch.response_ids.shape))
+        assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+        attach_expert_logprobs(batch, got)
+        ray.get(learners.run("train_step", batch, loss_name="calibrl", loss_kwargs=LOSS), timeout=240)
+        ray.get(learners.run("full_state_dict"), timeout=240)  # the export's gather, too
+    finally:
+        learners.shutdown()
