@@ -29,6 +29,7 @@ from actors.logs import actor_log_dir
 from calibrl.algo import Response
 from calibrl.config import Config
 from calibrl.inputs import decode_images, render_chat
+from calibrl.modeling import NEVER_SAMPLED_BIAS, never_sampled_token_ids
 
 
 @dataclass
@@ -97,11 +98,8 @@ class RolloutWorker:
         self.tokenizer = self.llm.get_tokenizer()
         # A sampled image/video placeholder token would make the learner's input ill-formed (its
         # count must equal the image features'); the engine never samples one.
-        self.logit_bias = {}
-        if is_vision_language(model_path):
-            hf = self.llm.llm_engine.model_config.hf_config
-            self.logit_bias = {t: -100.0 for t in (hf.image_token_id, hf.video_token_id,
-                                                   hf.vision_start_token_id, hf.vision_end_token_id)}
+        self.logit_bias = {t: NEVER_SAMPLED_BIAS
+                           for t in never_sampled_token_ids(self.llm.llm_engine.model_config.hf_config)}
         self.weights_version = 0
         self.startup_s = time.time() - t0
 

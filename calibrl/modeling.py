@@ -13,6 +13,19 @@ import torch
 
 from calibrl.algo.entropy import entropy_from_logits, logprobs_from_logits
 
+NEVER_SAMPLED_BIAS = -100.0
+"""vLLM logit bias on the tokens a response must never contain (see `never_sampled_token_ids`)."""
+
+
+def never_sampled_token_ids(config) -> list[int]:
+    """A VL model's image/video placeholder and vision start/end tokens: a sampled one would make the
+    learner's input ill-formed (their count must match the image features), so the rollout engine
+    biases them by NEVER_SAMPLED_BIAS and the learner's log-probs do the same (the policy that
+    samples is the policy that learns). Empty for text-only models."""
+    ids = [getattr(config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                              "vision_end_token_id")]
+    return [i for i in ids if i is not None] if hasattr(config, "vision_config") else []
+
 
 def is_vl_model(model, config=None) -> bool:
     return hasattr(config or model.config, "vision_config")
@@ -62,6 +75,9 @@ def response_logprobs(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor
     else:
         kwargs["position_ids"] = (attention_mask.cumsum(1) - 1).clamp(min=0)
     logits = model(**kwargs).logits[:, :-1].float()
+    never = never_sampled_token_ids(config)
+    if never:
+        logits[..., never] += NEVER_SAMPLED_BIAS
     if temperature != 1.0:
         logits = logits / temperature
     mask = response_mask.to(logits.dtype)
