@@ -49,7 +49,7 @@ from calibrl.inputs import prompt_token_ids
 from launch import checkpoint as ckpt
 from launch.cluster import connect_ray, needed_cpus
 from launch.evaluate import evaluate
-from launch.metrics import MetricsLogger
+from launch.metrics import MetricsLogger, read_metrics
 from launch.progress import Progress
 
 PROMPT_DEPENDENCE_PROMPTS = 64
@@ -157,6 +157,12 @@ class Trainer:
         final = self.evaluate_now()
         self.log_eval(final, phase="final")
         self.save()
+        first = next((r for r in read_metrics(self.out) if r.get("kind") == "eval"), final)
+        acc = [r.get("val/accuracy", float("nan")) for r in (first, final)]
+        self.progress.line(f"[calibrl] done: {self.step} {self.cfg.algorithm.name} steps; held-out greedy "
+                           f"accuracy {acc[0]:.3f} at the start -> {acc[1]:.3f} "
+                           f"({time.time() - self.logger.start:.0f} s); metrics, checkpoints and logs in "
+                           f"{self.out}")
         return final
 
     def train_step(self, pending: PendingRollout) -> PendingRollout | None:
