@@ -79,6 +79,7 @@ def test_a_training_run_prints_a_short_account_of_itself(tiny_models, tmp_path):
     lines = (proc.stdout + proc.stderr).splitlines()
     assert len(lines) <= 15, "\n".join(lines)
     assert any(line.startswith("[calibrl] eval at step 2 (final)") for line in lines), lines
+    assert lines[-1].startswith("[calibrl] done: 2 calibrl steps; held-out greedy accuracy"), lines
     assert not any("INFO" in line or "DeepSpeed" in line for line in lines), lines
     # the progress bars ran to completion (refreshed in place: carriage returns within one line)
     assert any("SFT warm-up" in line and "2/2" in line for line in lines), lines
