@@ -139,6 +139,7 @@ def write_results(out: str, *, variants: list[str], seeds: list[int]) -> str:
             ent = [r["policy/entropy"] for r in train if "policy/entropy" in r]
             per_run[f"{v}/seed{s}"] = {
                 "start_accuracy": evals[0].get("val/accuracy"),
+                "start_prompt_dependence": evals[0].get("val/prompt_dependence"),
                 "final_accuracy": evals[-1].get("val/accuracy"),
                 "start_pass_at_k": evals[0].get("val/pass_at_k"),
                 "final_pass_at_k": evals[-1].get("val/pass_at_k"),
@@ -152,13 +153,13 @@ def write_results(out: str, *, variants: list[str], seeds: list[int]) -> str:
              (f"Held-out greedy accuracy and pass@k, mean ± sample sd over seeds "
               f"{', '.join(map(str, seeds))}."),
              "Start = the shared SFT warm-up checkpoint (identical for every variant of a seed).", "",
-             ("| variant | seeds | start acc | final acc | gain | final pass@k | final format "
-              "| entropy first -> last |"),
-             "|---|---|---|---|---|---|---|---|"]
+             ("| variant | seeds | start acc | final acc | gain | gain per seed | final pass@k "
+              "| final format | entropy first -> last |"),
+             "|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         rows = [per_run[f"{v}/seed{s}"] for s in seeds if f"{v}/seed{s}" in per_run]
         if not rows:
-            lines.append(f"| {v} | 0 | | | | | | |")
+            lines.append(f"| {v} | 0 | | | | | | | |")
             continue
 
         def col(key: str, rows=rows) -> list[float]:
@@ -167,9 +168,17 @@ def write_results(out: str, *, variants: list[str], seeds: list[int]) -> str:
         gains = [r["final_accuracy"] - r["start_accuracy"] for r in rows]
         m0, _ = _mean_sd(col("entropy_first"))
         m1, _ = _mean_sd(col("entropy_last"))
+        per_seed = ", ".join(f"{g:+.3f}" for g in gains)
         lines.append(f"| {v} | {len(rows)} | {_fmt(col('start_accuracy'))} | {_fmt(col('final_accuracy'))} | "
-                     f"{_fmt(gains)} | {_fmt(col('final_pass_at_k'))} | {_fmt(col('final_format_rate'))} | "
+                     f"{_fmt(gains)} | {per_seed} | {_fmt(col('final_pass_at_k'))} | "
+                     f"{_fmt(col('final_format_rate'))} | "
                      f"{m0:.3f} -> {m1:.3f} |")
+    deps = [r["start_prompt_dependence"] for r in per_run.values()
+            if r["start_prompt_dependence"] is not None]
+    if deps:
+        lines += ["", (f"How much the SFT starts read their prompt: val/prompt_dependence {min(deps):.3f} to "
+                       f"{max(deps):.3f} nats/token (about 0 for a model that answers the same whatever "
+                       "it is asked).")]
     path = os.path.join(out, "results.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
