@@ -65,7 +65,7 @@ def warm_start(ray_local, tiny_models, tmp_path_factory):
 def test_the_warm_start_reads_its_prompt_and_leaves_room_to_learn(warm_start):
     _, _, final = warm_start
     assert final["val/prompt_dependence"] > 0.2, final  # its answers depend on what it is asked
-    assert 0.1 <= final["val/accuracy"] <= 0.4, final  # some prompts right, most wrong
+    assert 0.1 <= final["val/accuracy"] <= 0.6, final  # some prompts right, many wrong
 
 
 _runs: dict[str, list[dict]] = {}
