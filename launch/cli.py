@@ -28,9 +28,12 @@ DEMO_CONFIG = "configs/cpu_demo.yaml"
 def make_demo_data(root: str = DEMO_ROOT, *, n_train: int = 2000, n_val: int = 256, n_test: int = 256,
                    seed: int = 0) -> dict[str, str]:
     """Tiny models under ROOT/tiny-models and synthetic splits under ROOT/data (skips what exists)."""
+    from transformers.utils import logging as hf_logging
+
     from calibrl.data.synthetic import write_splits
     from calibrl.tiny_models import make_all
 
+    hf_logging.disable_progress_bar()  # "Writing model shards" bars: not the user's business
     paths = make_all(os.path.join(root, "tiny-models"))
     data_dir = os.path.join(root, "data")
     if not os.path.exists(os.path.join(data_dir, "test.parquet")):
