@@ -66,7 +66,7 @@ if [ "$device" = cpu ]; then
   $PY scripts/fix_torchvision.py >>$LOG 2>&1 || { tail -n 20 $LOG >&2; exit 1; }
 fi
 
-$PY - <<'PY'
+DS_ACCELERATOR=$([ "$device" = cpu ] && echo cpu || echo cuda) $PY - <<'PY'
 import importlib
 for m in ["torch", "transformers", "ray", "deepspeed", "vllm", "pyarrow", "omegaconf", "math_verify"]:
     importlib.import_module(m)
