@@ -218,7 +218,7 @@ def main(argv: list[str]) -> None:
                     help="comma-separated methods or ablation/baseline files")
     ap.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     ap.add_argument("--out", default="runs/compare", help="results directory")
-    ns = ap.parse_args(argv)
+    ns = ap.parse_intermixed_args(argv)  # key=value overrides may follow the options too
     configs, overrides = split_config_args(ns.args)
     run_compare(configs, overrides, variants=[v for v in ns.variants.split(",") if v],
                 seeds=[int(s) for s in ns.seeds.split(",") if s], out=ns.out)
