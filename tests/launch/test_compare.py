@@ -28,6 +28,17 @@ def test_variant_overlays_and_unknown_names():
         variant_overlay("ppo")
 
 
+def test_overrides_may_come_before_or_after_the_options(monkeypatch):
+    import launch.compare
+
+    calls = []
+    monkeypatch.setattr(launch.compare, "run_compare", lambda *a, **kw: calls.append((a, kw)))
+    launch.compare.main(["configs/cpu_demo.yaml", "a.b=1", "--variants", "grpo,dapo", "--out", "x", "c.d=2"])
+    (configs, overrides), kw = calls[0]
+    assert configs == ["configs/cpu_demo.yaml"] and overrides == ["a.b=1", "c.d=2"]
+    assert kw == {"variants": ["grpo", "dapo"], "seeds": [0, 1, 2], "out": "x"}
+
+
 def test_compare_trains_each_variant_from_one_warm_start_and_resumes(ray_local, tiny_models, data_dir,
                                                                        tmp_path, capsys):
     out = tmp_path / "cmp"
