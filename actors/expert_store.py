@@ -40,6 +40,7 @@ from calibrl.algo import ExpertTrajectory
 from calibrl.config import Config
 from calibrl.data.parquet_io import write_parquet_atomic
 from calibrl.data.reader import BadRow, DataError, detect_layout, example_id, parse_experts
+from calibrl.inputs import response_token_ids
 
 ADDITIONS_FILE = "additions.parquet"
 ADDITIONS_SCHEMA = pa.schema([
@@ -151,12 +152,9 @@ class ExpertStore:
     def _tokenise(self, texts: list[str]) -> list[np.ndarray]:
         """Each text as the assistant response: its tokens without special tokens, then eos; read-only
         int64 arrays (they are shared with the cache, and travel through Ray without a copy)."""
-        if not texts:
-            return []
-        eos = self.tokenizer.eos_token_id
         out = []
-        for ids in self.tokenizer(texts, add_special_tokens=False).input_ids:
-            array = np.array(ids + [eos], dtype=np.int64)
+        for ids in response_token_ids(self.tokenizer, texts):
+            array = np.array(ids, dtype=np.int64)
             array.flags.writeable = False
             out.append(array)
         return out

@@ -64,3 +64,12 @@ def prompt_token_ids(tokenizer, prompt_text: str, images: Sequence[bytes], **ima
     counts = [image_token_count(img, **image_kwargs) for img in images]
     return tokenizer(expand_image_pads(render_chat(tokenizer, prompt_text), counts),
                      add_special_tokens=False).input_ids
+
+
+def response_token_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Each text as an assistant response: its tokens without special tokens, then eos (how expert
+    trajectories are fed to the learner)."""
+    if not texts:
+        return []
+    eos = tokenizer.eos_token_id
+    return [ids + [eos] for ids in tokenizer(list(texts), add_special_tokens=False).input_ids]

@@ -24,7 +24,7 @@ def never_sampled_token_ids(config) -> list[int]:
     samples is the policy that learns). Empty for text-only models."""
     ids = [getattr(config, k, None) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                               "vision_end_token_id")]
-    return [i for i in ids if i is not None] if hasattr(config, "vision_config") else []
+    return [i for i in ids if i is not None] if is_vl_model(None, config) else []
 
 
 def is_vl_model(model, config=None) -> bool:

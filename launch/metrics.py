@@ -15,10 +15,9 @@ import time
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: str, *, total_steps: int, ray_metrics: bool = True, run_name: str = ""):
+    def __init__(self, output_dir: str, *, ray_metrics: bool = True, run_name: str = ""):
         os.makedirs(output_dir, exist_ok=True)
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self.total_steps = total_steps
         self.start = time.time()
         from torch.utils.tensorboard import SummaryWriter
 

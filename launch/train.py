@@ -45,19 +45,19 @@ from calibrl.algo.metrics import (
 from calibrl.config import Config, to_yaml, validate
 from calibrl.data import PromptSampler, load_examples
 from calibrl.data.schema import Example
-from calibrl.inputs import prompt_token_ids
+from calibrl.inputs import prompt_token_ids, response_token_ids
 from launch import checkpoint as ckpt
 from launch.cluster import connect_ray, needed_cpus
 from launch.evaluate import evaluate
 from launch.metrics import MetricsLogger, read_metrics
 from launch.progress import Progress
+from launch.rollout_stream import PendingRollout, RolloutStream, step_seed
 
 PROMPT_DEPENDENCE_PROMPTS = 64
 """Held-out prompts `val/prompt_dependence` is measured on at each evaluation."""
 PROGRESS_KEYS = {"reward": "reward/mean", "acc": "acc/mean", "entropy": "policy/entropy",
                  "calib": "loss/calib"}
 """What the RL progress bar shows: label -> metric."""
-from launch.rollout_stream import PendingRollout, RolloutStream, step_seed
 
 
 class Trainer:
@@ -105,7 +105,7 @@ class Trainer:
                                     verifiers=self.verifiers,
                                     experts=self.experts, pad_token_id=self.tokenizer.pad_token_id)
         self.weight_sync = WEIGHT_SYNCS[c.rollout.weight_sync](self.learners, self.rollout)
-        self.logger = MetricsLogger(self.out, total_steps=c.trainer.total_steps)
+        self.logger = MetricsLogger(self.out)
         self.progress = Progress()
         self.step = 0
         self.sft_step = 0
@@ -311,9 +311,9 @@ class Trainer:
         examples = [e for e in examples if e.experts]
         if len(examples) < 2:
             return float("nan")
-        eos = self.tokenizer.eos_token_id
-        experts = [ExpertTrajectory(self.tokenizer(e.experts[0], add_special_tokens=False).input_ids + [eos],
-                                    e.experts[0]) for e in examples]
+        texts = [e.experts[0] for e in examples]
+        experts = [ExpertTrajectory(ids, text)
+                   for ids, text in zip(response_token_ids(self.tokenizer, texts), texts)]
         totals = []
         for shift in (0, 1):
             stage = CalibrationStage(pad_token_id=self.tokenizer.pad_token_id, mixup="always")

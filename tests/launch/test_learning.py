@@ -5,9 +5,9 @@ GRPO and under CalibRL (seeded; the module takes about eight minutes on 2 CPU co
 The task is the demo's single-digit arithmetic ("What is 7 + 5?"). The warm-up is long enough for
 the model to read its prompt (350 steps: `val/prompt_dependence` about 0.5 nats/token; after 150
 steps it was under 0.1, answering from the marginal distribution whatever it was asked, and no RL
-method could raise held-out accuracy). It is then right on about a quarter of held-out prompts,
-with pass@4 about 0.5, so the group advantages carry a signal that carries over to held-out
-prompts. Each RL step samples 64 prompts x 4 and takes 4 updates of 16 prompts, as the demo does.
+method could raise held-out accuracy). On seed 0 it is then right on 0.43 of 256 held-out prompts,
+pass@4 0.62, so the group advantages carry a signal that carries over to held-out prompts. Each
+RL step samples 64 prompts x 4 and takes 4 updates of 16 prompts, as the demo does.
 """
 
 import os
@@ -25,7 +25,7 @@ SFT_STEPS = 350
 RL = {"grpo": ["algorithm.name=grpo"], "calibrl": ["algorithm.name=calibrl"]}
 RL_COMMON = ["trainer.total_steps=10", "learner.lr=2e-4", "trainer.prompts_per_step=64",
              "rollout.samples_per_prompt=4", "learner.mini_batch_prompts=16"]
-MIN_GAIN = 0.04  # held-out greedy accuracy over the SFT start on 128 prompts (the demo's 256: +0.074, +0.086)
+MIN_GAIN = 0.04  # held-out greedy accuracy over the SFT start, on the first 128 held-out prompts
 
 
 def base(tiny_models, data_dir, out, *extra):

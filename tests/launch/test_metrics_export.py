@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
 
     port, out = int(sys.argv[1]), sys.argv[2]
     ray.init(num_cpus=1, include_dashboard=False, _metrics_export_port=port)
-    logger = MetricsLogger(out, total_steps=3, run_name="probe-run")
+    logger = MetricsLogger(out, run_name="probe-run")
     logger.log(2, {"reward/mean": 0.625, "val/accuracy": 0.25, "time/step_s": 1.5})
     deadline = time.time() + 90
     text = ""
