@@ -91,7 +91,8 @@ class Learner:
                  zero_stage: int = 2, lr: float = 1e-6, weight_decay: float = 0.0, grad_clip: float = 1.0,
                  lr_warmup_steps: int = 0, lr_schedule: str = "constant", total_updates: int = 1000,
                  micro_batch_per_device: int = 4, gradient_checkpointing: bool = False,
-                 optimizer: str = "adamw", seed: int = 0, temperature: float = 1.0):
+                 optimizer: str = "adamw", seed: int = 0, temperature: float = 1.0,
+                 image_min_pixels: int | None = None, image_max_pixels: int | None = None):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         cuda = torch.cuda.is_available()
@@ -118,7 +119,11 @@ class Learner:
         model = cls.from_pretrained(model_path, dtype=torch.bfloat16 if cuda else torch.float32)
         if gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        self.image_processor = AutoImageProcessor.from_pretrained(model_path) if vl else None
+        # the image area bounds of model.image_min/max_pixels, which vLLM and the driver use too (the
+        # checkpoint's own defaults would give another number of image tokens for a large image)
+        pixels = {k: v for k, v in (("min_pixels", image_min_pixels), ("max_pixels", image_max_pixels))
+                  if v is not None}
+        self.image_processor = AutoImageProcessor.from_pretrained(model_path, **pixels) if vl else None
         self.model_path = model_path
 
         optimizer = (torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -150,7 +155,9 @@ class Learner:
             total_updates=cfg.trainer.total_steps * updates_per_step,
             micro_batch_per_device=ln.micro_batch_per_device,
             gradient_checkpointing=cfg.model.gradient_checkpointing, optimizer=ln.optimizer,
-            seed=cfg.trainer.seed, temperature=cfg.rollout.temperature, log_dir=actor_log_dir(cfg))
+            seed=cfg.trainer.seed, temperature=cfg.rollout.temperature,
+            image_min_pixels=cfg.model.image_min_pixels, image_max_pixels=cfg.model.image_max_pixels,
+            log_dir=actor_log_dir(cfg))
 
     # ---- batch plumbing ---------------------------------------------------------------------
 
@@ -329,46 +336,36 @@ class Learner:
         link_model_files(self.model_path, path)
         return path
 
-    def init_nccl_weight_sync(self, rollout_workers: list, world_size: int) -> None:
-        """Join vLLM's NCCL weight-transfer group (GPU): rank 0 sends, the engines receive."""
-        from vllm.distributed.weight_transfer.base import ParamMeta, WeightSource
-        from vllm.distributed.weight_transfer.clients import RayVLLMWeightSyncClient
-        from vllm.distributed.weight_transfer.nccl_engine import (
-            NCCLTrainerInitInfo,
-            NCCLTrainerWeightTransferEngine,
-        )
-
-        from actors.group import free_port, node_address
-
-        learner = self
-
-        class GatheredSource(WeightSource):  # full tensors, gathered in lockstep on every rank under ZeRO-3
-            def metadata(self):
-                return [ParamMeta(n, p.dtype, tuple(p.ds_shape if hasattr(p, "ds_shape") else p.shape))
-                        for n, p in learner.engine.module.named_parameters()]
-
-            def __iter__(self):
-                import deepspeed
-
-                for n, p in learner.engine.module.named_parameters():
-                    with deepspeed.zero.GatheredParameters([p], enabled=learner.zero_stage == 3):
-                        yield n, p.detach()
-
+    def init_weight_transfer(self, rollout_workers: list, *, backend: str,
+                             tensor_parallel_size: int = 1) -> None:
+        """Join vLLM's weight-transfer group with the engines (every rank calls this; rank 0 sends):
+        `nccl` on GPU, `gloo` on CPU (actors/gloo_transfer.py), through vLLM's trainer factory."""
         import torch.distributed as dist
+        from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
+        from actors.gloo_transfer import GlooTrainerInitInfo, register
+        from actors.group import free_port, node_address
+        from actors.weight_sync import EngineClient, transfer_world_size
+
+        register()
+        if backend == "nccl":
+            from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo as InitInfo
+        else:
+            InitInfo = GlooTrainerInitInfo
         addr_port = [node_address(), free_port()] if self.rank == 0 else [None, None]
-        dist.broadcast_object_list(addr_port, src=0)
-        info = NCCLTrainerInitInfo(master_address=addr_port[0], master_port=addr_port[1],
-                                   world_size=world_size, rank=self.rank)
-        self.nccl_sync = NCCLTrainerWeightTransferEngine.trainer_init(
-            info, client=RayVLLMWeightSyncClient(rollout_workers), source=GatheredSource())
+        if self.world_size > 1:
+            dist.broadcast_object_list(addr_port, src=0)
+        info = InitInfo(master_address=addr_port[0], master_port=addr_port[1],
+                        world_size=transfer_world_size(len(rollout_workers), tensor_parallel_size),
+                        rank=self.rank)
+        self.transfer = WeightTransferTrainerFactory.trainer_init(
+            info, client=EngineClient(rollout_workers, tensor_parallel_size),
+            source=ZeroWeightSource(self.engine.module, gather=self.zero_stage == 3))
 
-    def broadcast_weights(self, version: int) -> None:
-        import ray
-
-        self.nccl_sync.send_weights()  # start, broadcast, finish on every engine (rank 0 drives them)
-        if self.rank == 0:
-            ray.get([h.update_weight_version.remote(str(version)) for h in self.nccl_sync.client.handles])
+    def send_weights(self, version: int) -> None:
+        """Send the current weights to every engine, which then serve them as `version` (all ranks)."""
+        self.transfer.client.version = version
+        self.transfer.send_weights()
 
     def save_checkpoint(self, ckpt_dir: str) -> None:
         """DeepSpeed's own state (model, optimizer, scheduler) plus an HF `save_pretrained` export
@@ -392,6 +389,36 @@ class Learner:
 
         dist.barrier()
         return self.rank
+
+
+class ZeroWeightSource:
+    """The learner's full HF-named weights as vLLM's `WeightSource` protocol (`metadata()` and a
+    fresh iteration per round). Under ZeRO-3 every rank iterates in lockstep: each decoder layer's
+    parameters are gathered together (one collective per layer, vLLM's `layerwise_groups`) and
+    yielded as copies, which stay valid after the layer is partitioned again (vLLM's packed NCCL
+    producer holds several layers' tensors before it packs them)."""
+
+    def __init__(self, module: torch.nn.Module, *, gather: bool):
+        from vllm.distributed.weight_transfer.base import layerwise_groups
+
+        self.params = dict(module.named_parameters())
+        self.groups = layerwise_groups(list(self.params))
+        self.gather = gather
+
+    def metadata(self):
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        return [ParamMeta(n, p.dtype, tuple(getattr(p, "ds_shape", p.shape)))
+                for group in self.groups for n, p in ((n, self.params[n]) for n in group)]
+
+    def __iter__(self):
+        import deepspeed
+
+        for group in self.groups:
+            with deepspeed.zero.GatheredParameters([self.params[n] for n in group], enabled=self.gather):
+                for n in group:
+                    p = self.params[n].detach()
+                    yield n, p.clone() if self.gather else p
 
 
 def gather_rank_rows(results: list[dict[str, torch.Tensor]], key: str,

@@ -5,14 +5,15 @@ actors (every role has the same constructor: `VerifierPool.from_config`, `Expert
 `Learner.from_config`). The engine runs inside the actor
 process (VLLM_ENABLE_V1_MULTIPROCESSING=0) unless tensor parallelism needs vLLM's own workers.
 
-Weights arrive in place, without restarting the engine, through one of two transports:
+Weights arrive in place, without restarting the engine, through one of two transports
+(actors/weight_sync.py):
+- vLLM's RL weight-transfer API (`weight_sync` `nccl` on GPU, `gloo` on CPU; `weight_transfer_config`
+  selects the engine): the learner's rank 0 broadcasts over a process group that includes every
+  engine, driven through `init_weight_transfer_engine`, `start_weight_update`, `update_weights`
+  and `finish_weight_update(version)`;
 - `shm`: the learner writes a safetensors file to /dev/shm and every worker calls vLLM's
-  `reload_weights` on it (works on CPU and GPU);
-- `nccl`: vLLM's RL weight-transfer API (`weight_transfer_config={"backend": "nccl"}`): the
-  learner's rank 0 broadcasts over a NCCL group that includes every engine (GPU only). The
-  methods `init_weight_transfer_engine`, `start_weight_update`, `update_weights`,
-  `finish_weight_update` and `update_weight_version` have the signatures vLLM's
-  `RayVLLMWeightSyncClient` calls, so that client drives these actors directly.
+  `reload_weights` on it.
+Every result carries the weights version the engine served it with.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 
 from actors.group import named_actor
 from actors.logs import actor_log_dir
+from actors.weight_sync import weight_sync_backend
 from calibrl.algo import Response
 from calibrl.config import Config
 from calibrl.inputs import decode_images, render_chat
@@ -92,8 +94,12 @@ class RolloutWorker:
             kwargs.update(limit_mm_per_prompt={"image": max_images_per_prompt, "video": 0},
                           mm_processor_kwargs={"min_pixels": image_min_pixels,
                                                "max_pixels": image_max_pixels})
-        if weight_sync == "nccl":
-            kwargs["weight_transfer_config"] = {"backend": "nccl"}
+        if weight_sync == "gloo":
+            from actors.gloo_transfer import register
+
+            register()  # the engine runs in this process (no tensor parallelism on CPU)
+        if weight_sync in ("nccl", "gloo"):
+            kwargs["weight_transfer_config"] = {"backend": weight_sync}
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         # A sampled image/video placeholder token would make the learner's input ill-formed (its
@@ -118,7 +124,8 @@ class RolloutWorker:
                             gpu_memory_utilization=r.gpu_memory_utilization,
                             max_images_per_prompt=cfg.data.max_images_per_prompt,
                             image_min_pixels=m.image_min_pixels, image_max_pixels=m.image_max_pixels,
-                            weight_sync=r.weight_sync, seed=cfg.trainer.seed + i, log_dir=actor_log_dir(cfg))
+                            weight_sync=weight_sync_backend(r.weight_sync), seed=cfg.trainer.seed + i,
+                            log_dir=actor_log_dir(cfg))
                 for i in range(r.num_workers)]
 
     # ---- sampling -------------------------------------------------------------------------
@@ -171,26 +178,35 @@ class RolloutWorker:
         self.weights_version = version
         return time.time() - t0
 
-    # ---- weight sync: vLLM's NCCL weight-transfer API (GPU) ---------------------------------
+    # ---- weight sync: vLLM's weight-transfer API (nccl on GPU, gloo on CPU) -----------------------
+    # The control plane of actors.weight_sync.EngineClient: each forwards to the engine's workers.
 
-    def init_weight_transfer_engine(self, request) -> None:
-        self.llm.collective_rpc("init_weight_transfer_engine", args=(request.init_info,))
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
 
     def start_weight_update(self) -> None:
         self.llm.collective_rpc("start_weight_update")
 
-    def update_weights(self, request) -> None:
-        self.llm.collective_rpc("update_weights", args=(request.update_info,))
+    def update_weights(self, update_info: dict) -> None:
+        self.llm.collective_rpc("update_weights", args=(update_info,))
 
-    def finish_weight_update(self) -> None:
+    def finish_weight_update(self, version: int | None = None) -> int:
+        """Apply the received weights and serve them as `version`; returns the version served."""
         self.llm.collective_rpc("finish_weight_update")
-        self.llm.reset_prefix_cache()
-
-    def update_weight_version(self, version: str) -> None:
-        self.weights_version = int(version)
+        self._forget_old_weights()
+        if version is not None:
+            self.weights_version = version
+        return self.weights_version
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.llm.collective_rpc("shutdown_weight_transfer_engine")
+
+    def _forget_old_weights(self) -> None:
+        """Drop what was computed with the old weights: cached KV and, for a VL model, the cached
+        vision-encoder outputs (vLLM's `reload_weights` resets these; `finish_weight_update` does not)."""
+        self.llm.reset_prefix_cache()
+        self.llm.reset_mm_cache()
+        self.llm.collective_rpc("reset_encoder_cache")
 
     # ---- introspection ----------------------------------------------------------------------
 

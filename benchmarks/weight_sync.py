@@ -45,7 +45,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-ENGINE = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_mib": 128, "seed": 0}
+ENGINE = {"dtype": "float32", "max_model_len": 512, "kv_cache_memory_mib": 128, "seed": 0,
+          "weight_sync": "gloo"}
 """RolloutWorker keywords; the direct run passes vLLM the same values (see direct_engine)."""
 
 
@@ -78,26 +79,32 @@ def make_random_qwen2(out_dir: str, *, hidden_size: int, num_layers: int, interm
 
 def sync_latency(model_path: str, worker, *, ranks: int, zero_stage: int, repeats: int,
                  shm_root: str) -> dict:
-    """Median seconds of ShmWeightSync.push and of its floor (write + reload), alternating."""
+    """Median seconds of ShmWeightSync.push, of TransferWeightSync.push over gloo (vLLM's weight-transfer
+    API) and of the shm floor (write + reload), taking turns."""
     import ray
     from safetensors.torch import load_file, save_file
 
     from actors.group import ActorGroup
     from actors.learner import Learner
-    from actors.weight_sync import ShmWeightSync, link_model_files
+    from actors.weight_sync import ShmWeightSync, TransferWeightSync, link_model_files
 
     learners = ActorGroup(Learner, ranks, name_prefix=f"learner-bench-z{zero_stage}x{ranks}",
                           num_cpus_per_actor=1, model_path=model_path, zero_stage=zero_stage)
     sync = ShmWeightSync(learners, [worker], root=os.path.join(shm_root, f"push-z{zero_stage}x{ranks}"))
+    transfer = TransferWeightSync(learners, [worker], backend="gloo")
     try:
         sync.push(1)  # warm-up; its file holds the bytes the floor writes (read back, not sent through Ray)
         state = load_file(os.path.join(sync.root, "v1", "model.safetensors"))
         nbytes = sum(t.numel() * t.element_size() for t in state.values())
-        push, export, load, write, reload = [], [], [], [], []
+        transfer.push(1)  # warm-up
+        push, export, load, write, reload, gloo = [], [], [], [], [], []
         for i in range(repeats + 1):  # the first round warms up the floor
             t0 = time.perf_counter()
             timings = sync.push(i + 2)
             t_push = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            transfer.push(i + 2)
+            t_gloo = time.perf_counter() - t0
 
             floor_dir = os.path.join(shm_root, f"floor-{i}")
             os.makedirs(floor_dir)
@@ -113,9 +120,10 @@ def sync_latency(model_path: str, worker, *, ranks: int, zero_stage: int, repeat
                 load.append(timings["time/sync_load_s"])
                 write.append(t_write)
                 reload.append(t_reload)
+                gloo.append(t_gloo)
         med = statistics.median
         return {"bytes": nbytes, "push": med(push), "export": med(export), "load": med(load),
-                "write": med(write), "reload": med(reload),
+                "write": med(write), "reload": med(reload), "gloo": med(gloo),
                 "floor": med(w + r for w, r in zip(write, reload))}
     finally:
         sync.close()
@@ -262,6 +270,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a ~100M model, fewer prompts and repetitions")
     parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (median counts)")
+    parser.add_argument("--sync-only", action="store_true", help="the weight-sync table only")
     parser.add_argument("--direct", metavar="SPEC_JSON", help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args()
     if args.direct:
@@ -276,6 +285,8 @@ def main() -> None:
 
     import ray
 
+    from actors.group import named_actor
+    from actors.rollout import RolloutWorker
     from calibrl.tiny_models import make_tiny_qwen2
 
     tmp = tempfile.mkdtemp(prefix="calibrl-bench-")
@@ -298,15 +309,20 @@ def main() -> None:
             # Ray sets OMP_NUM_THREADS to an actor's num_cpus: the engine's threads follow its reservation
             # the tiny model's rounds take a fraction of a second
             rounds = repeats * (3 if m == "tiny-qwen2" else 1)
-            rows, worker = rollout_throughput(path, prompts, sampling, rounds, tmp, cpu_options=(cores, 1))
-            rollout_rows += [(m, engine, r) for engine, r in rows]
+            if args.sync_only:
+                worker = named_actor(RolloutWorker, f"rollout-bench-{m}", num_cpus=cores, model_path=path,
+                                     **ENGINE)
+            else:
+                rows, worker = rollout_throughput(path, prompts, sampling, rounds, tmp,
+                                                  cpu_options=(cores, 1))
+                rollout_rows += [(m, engine, r) for engine, r in rows]
             try:
                 for ranks, stage in ((1, 2), (2, 3)):
                     r = sync_latency(path, worker, ranks=ranks, zero_stage=stage, repeats=repeats,
                                      shm_root=shm_root)
                     sync_rows.append((m, f"{ranks} rank{'s' if ranks > 1 else ''}, ZeRO-{stage}", r))
-                    print(f"  {m} {ranks}x ZeRO-{stage}: push {r['push']:.3f}s floor {r['floor']:.3f}s",
-                          flush=True)
+                    print(f"  {m} {ranks}x ZeRO-{stage}: shm push {r['push']:.3f}s, gloo transfer "
+                          f"{r['gloo']:.3f}s, floor {r['floor']:.3f}s", flush=True)
             finally:
                 ray.kill(worker)
     finally:
@@ -316,14 +332,18 @@ def main() -> None:
             ray.shutdown()
 
     print()
-    print("Weight sync, median seconds (push = ShmWeightSync.push end to end; floor = write + reload)")
-    print(f"| {'model':26s} | {'learners':16s} | {'MB':>6s} | {'push':>6s} | {'export':>6s} | {'load':>6s} | "
-          f"{'write':>6s} | {'reload':>6s} | {'floor':>6s} | {'ratio':>6s} | target |")
-    print(f"|{'-' * 28}|{'-' * 18}|{'-' * 8}|" + f"{'-' * 8}|" * 7 + "--------|")
+    print("Weight sync, median seconds. shm = ShmWeightSync.push end to end (export = gather + write, load =")
+    print("the engines' reload); gloo = TransferWeightSync.push (vLLM's weight-transfer API, gloo engine);")
+    print("floor = safetensors write + vLLM reload_weights of the same bytes")
+    print(f"| {'model':26s} | {'learners':16s} | {'MB':>6s} | {'shm':>6s} | {'export':>6s} | {'load':>6s} | "
+          f"{'gloo':>6s} | {'floor':>6s} | shm/floor | gloo/floor | gloo/shm |")
+    print(f"|{'-' * 28}|{'-' * 18}|{'-' * 8}|" + f"{'-' * 8}|" * 5 + "-----------|------------|----------|")
     for m, layout, r in sync_rows:
         print(f"| {m:26s} | {layout:16s} | {r['bytes'] / 1e6:6.0f} | {r['push']:6.3f} | {r['export']:6.3f} | "
-              f"{r['load']:6.3f} | {r['write']:6.3f} | {r['reload']:6.3f} | {r['floor']:6.3f} | "
-              f"{r['push'] / r['floor']:5.2f}x | <= 1.5x |")
+              f"{r['load']:6.3f} | {r['gloo']:6.3f} | {r['floor']:6.3f} | {r['push'] / r['floor']:8.2f}x | "
+              f"{r['gloo'] / r['floor']:9.2f}x | {r['gloo'] / r['push']:7.2f}x |")
+    if not rollout_rows:
+        return
     print()
     print("Rollout throughput, generated tokens/s (median); ratio against vLLM direct")
     print(f"| {'model':26s} | {'engine':26s} | threads | {'tokens':>6s} | {'tokens/s':>8s} | "

@@ -73,8 +73,9 @@ class RolloutConfig:
     """KV-cache size per engine in MiB (on CPU vLLM would otherwise take most of RAM)."""
     gpu_memory_utilization: float = 0.5
     """Fraction of GPU memory vLLM may use (GPU only)."""
-    weight_sync: str = "shm"
-    """Weight transport learner -> engines: `shm` (safetensors in /dev/shm + reload) or `nccl` (GPU)."""
+    weight_sync: str = "auto"
+    """Weight transport learner -> engines: vLLM's weight-transfer API over `nccl` (GPU) or `gloo`
+    (CPU); `auto` picks by device; or `shm` (safetensors in /dev/shm + vLLM's reload_weights)."""
     num_cpus_per_worker: float = 1.0
     """Ray CPUs reserved per rollout actor."""
     stream_chunk_prompts: int = 2
@@ -207,7 +208,10 @@ class TrainerConfig:
     eval_max_prompts: int = 64
     """Validation prompts per val file (0 = all)."""
     one_step_off: bool = False
-    """Sample step t+1 while the learner trains step t (staleness <= 1 version)."""
+    """Sample step t+1 while the learner trains step t (its samples are then 1 version old)."""
+    max_staleness: int = 1
+    """Oldest weights a trained sample may come from, in versions behind the learner's: one-step-off
+    needs 1; a sample older than this stops the run naming the engine."""
     seed: int = 0
     """Seed for data order, sampling and initialisation."""
     ray_address: str | None = None
@@ -218,6 +222,7 @@ class TrainerConfig:
 
 
 LOG_LEVELS = ("info", "debug")
+WEIGHT_SYNCS = ("auto", "nccl", "gloo", "shm")
 
 
 @dataclass
@@ -306,7 +311,15 @@ def validate(cfg: Config) -> Config:
     need(a.experts_per_group >= 1, f"algorithm.experts_per_group={a.experts_per_group} must be >= 1")
     need(d.on_bad_row in ("error", "skip"), f"data.on_bad_row={d.on_bad_row!r}: use error or skip")
     need(len(d.train_files) > 0, "data.train_files is empty (prompts and expert trajectories come from it)")
-    need(r.weight_sync in ("shm", "nccl"), f"rollout.weight_sync={r.weight_sync!r}: use shm or nccl")
+    need(r.weight_sync in WEIGHT_SYNCS,
+         f"rollout.weight_sync={r.weight_sync!r}: choose one of {', '.join(WEIGHT_SYNCS)}")
+    need(r.weight_sync != "gloo" or r.tensor_parallel_size == 1,
+         "rollout.weight_sync=gloo needs rollout.tensor_parallel_size=1 (the engine must run in the "
+         "rollout actor's process); use nccl on GPU")
+    need(t.max_staleness >= 0, f"trainer.max_staleness={t.max_staleness} must be >= 0")
+    need(not t.one_step_off or t.max_staleness >= 1,
+         f"trainer.one_step_off samples with weights 1 version old: it needs trainer.max_staleness >= 1 "
+         f"(got {t.max_staleness})")
     need(ln.zero_stage in (0, 1, 2, 3), f"learner.zero_stage={ln.zero_stage} must be 0, 1, 2 or 3")
     need(ln.optimizer in ("adamw", "sgd"), f"learner.optimizer={ln.optimizer!r}: adamw or sgd")
     need(ln.lr_schedule in ("constant", "cosine"),

@@ -1,6 +1,7 @@
-"""Rollout streaming: a step's prompts go to the vLLM workers in chunks, and each chunk, as it
-completes (`ray.wait`), is verified, joined with its prompts' experts and added group by group to
-the step's calibration stage. DAPO's dynamic sampling draws more prompts until the stage holds
+"""Rollout streaming: a step's prompts go to the vLLM workers in chunks; each chunk, as it completes
+(`ray.wait`), goes to the next verifier of the pool (round robin) while generation continues, and
+its groups enter the step's calibration stage, joined with their prompts' experts, when its
+verdicts arrive. DAPO's dynamic sampling draws more prompts until the stage holds
 enough informative groups (at most `algorithm.max_sampling_rounds` rounds).
 
 `RolloutStream.start(step)` submits and returns a `PendingRollout` at once, so the driver can
@@ -37,10 +38,14 @@ class PendingRollout:
     sampler_state: dict
     """The prompt sampler's state before this rollout drew: a checkpoint taken while it is in
     flight resumes by drawing these prompts again."""
-    refs: dict = field(default_factory=dict)  # ObjectRef -> list[Example]
+    refs: dict = field(default_factory=dict)  # generate ObjectRef -> list[Example]
+    verdicts: dict = field(default_factory=dict)  # verify ObjectRef -> (examples, results, experts ref)
     rounds: int = 0
     prompts_drawn: int = 0
     verify_s: float = 0.0
+    """Verifier busy seconds, summed over the pool."""
+    verify_tail_s: float = 0.0
+    """Seconds the driver waited for verdicts after the last chunk finished generating."""
     verify_timeouts: int = 0
     verify_errors: int = 0
 
@@ -87,36 +92,48 @@ class RolloutStream:
         pending.prompts_drawn += len(examples)
 
     def finish(self, pending: PendingRollout) -> tuple[TrainBatch, dict[str, float]]:
-        """Stream completed requests into the calibration stage (refilling under dynamic sampling),
-        then assemble the step's batch."""
+        """Verify completed chunks as they come and add their groups as their verdicts come (refilling
+        under dynamic sampling), then assemble the step's batch."""
         a, t = self.cfg.algorithm, self.cfg.trainer
         stage = pending.stage
-        while pending.refs:
-            done, _ = ray.wait(list(pending.refs), num_returns=1)
-            examples = pending.refs.pop(done[0])
-            self._add_groups(pending, examples, ray.get(done[0]))
-            if (not pending.refs and a.dynamic_sampling and stage.num_informative < t.prompts_per_step
+        generated_at = None
+        while pending.refs or pending.verdicts:
+            ready, _ = ray.wait([*pending.refs, *pending.verdicts], num_returns=1)
+            if ready[0] in pending.refs:
+                self._verify(pending, pending.refs.pop(ready[0]), ray.get(ready[0]))
+            else:
+                self._add_groups(pending, ready[0])
+            if not pending.refs and generated_at is None:
+                generated_at = time.time()
+            if (not pending.refs and not pending.verdicts and a.dynamic_sampling
+                    and stage.num_informative < t.prompts_per_step
                     and pending.rounds < a.max_sampling_rounds):
                 self._submit_round(pending)
+                generated_at = None
+        pending.verify_tail_s = time.time() - generated_at if generated_at else 0.0
         t0 = time.time()
         batch, stage_counts = stage.assemble(max_groups=t.prompts_per_step)
         return batch, stage_metrics(stage_counts) | {
             "sampling/rounds": pending.rounds, "sampling/prompts_drawn": pending.prompts_drawn,
             "verify/timeouts": pending.verify_timeouts, "verify/errors": pending.verify_errors,
-            "time/verify_s": pending.verify_s, "time/calibrate_s": time.time() - t0}
+            "time/verify_s": pending.verify_s, "time/verify_tail_s": pending.verify_tail_s,
+            "time/calibrate_s": time.time() - t0}
 
-    def _add_groups(self, pending: PendingRollout, examples: list[Example], results: list) -> None:
-        """Verify one completed chunk, fetch its experts, add its groups to the stage."""
-        t0 = time.time()
+    def _verify(self, pending: PendingRollout, examples: list[Example], results: list) -> None:
+        """Send one generated chunk to the verifier pool and ask for its experts; returns at once."""
         pairs = [(s.text, ex.answer) for ex, res in zip(examples, results) for s in res.samples]
-        verdict_ref = self.verifiers.submit(pairs)
         experts_ref = self.experts.get.remote([ex.id for ex in examples],
                                               self.cfg.algorithm.experts_per_group)
+        pending.verdicts[self.verifiers.submit(pairs)] = (examples, results, experts_ref)
+
+    def _add_groups(self, pending: PendingRollout, verdict_ref) -> None:
+        """A chunk's verdicts arrived: add its groups, with their experts, to the stage."""
+        examples, results, experts_ref = pending.verdicts.pop(verdict_ref)
         verdicts, verify_metrics = ray.get(verdict_ref)
         experts = ray.get(experts_ref)
         pending.verify_timeouts += verify_metrics["timeouts"]
         pending.verify_errors += verify_metrics["errors"]
-        pending.verify_s += time.time() - t0
+        pending.verify_s += verify_metrics["seconds"]
         i = 0
         for ex, res in zip(examples, results):
             n = len(res.samples)

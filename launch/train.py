@@ -26,7 +26,7 @@ from actors.expert_store import ExpertStore
 from actors.learner import Learner, gather_rank_rows
 from actors.rollout import RolloutWorker
 from actors.verifier import VerifierPool
-from actors.weight_sync import WEIGHT_SYNCS
+from actors.weight_sync import make_weight_sync
 from calibrl.algo import (
     METHODS,
     SFT_WARMUP_METHOD,
@@ -104,7 +104,7 @@ class Trainer:
         self.stream = RolloutStream(c, sampler=self.sampler, rollout_workers=self.rollout,
                                     verifiers=self.verifiers,
                                     experts=self.experts, pad_token_id=self.tokenizer.pad_token_id)
-        self.weight_sync = WEIGHT_SYNCS[c.rollout.weight_sync](self.learners, self.rollout)
+        self.weight_sync = make_weight_sync(c, self.learners, self.rollout)
         self.logger = MetricsLogger(self.out)
         self.progress = Progress()
         self.step = 0
@@ -177,6 +177,7 @@ class Trainer:
             self.progress.advance()
             self.logger.log(self.step, metrics | {"sampling/skipped_step": 1.0})
             return None
+        self.check_staleness(batch)
         one_step_off = c.trainer.one_step_off and self.step < c.trainer.total_steps
         next_pending = self.start_rollout(self.step + 1) if one_step_off else None
 
@@ -202,7 +203,7 @@ class Trainer:
         metrics |= reduce_rank_metrics(train)
         metrics |= gradient_shares(metrics)
         self.log_rollouts(batch)
-        metrics |= {"time/rollout_s": t_rollout - t0 - metrics.get("time/verify_s", 0.0),
+        metrics |= {"time/rollout_s": t_rollout - t0,
                     "time/logprobs_s": t_logp - t_rollout, "time/train_s": t_train - t_logp,
                     "time/step_s": time.time() - t0,
                     "perf/tokens_per_s": float(batch.response_length.sum()) / max(time.time() - t0, 1e-9)}
@@ -240,7 +241,29 @@ class Trainer:
 
     def start_rollout(self, step: int) -> PendingRollout:
         self.sync_weights()
+        self.check_engine_versions()
         return self.stream.start(step)
+
+    def check_engine_versions(self) -> None:
+        """Every engine must serve the weights last pushed before a step samples from them."""
+        versions = [info["weights_version"] for info in ray.get([w.info.remote() for w in self.rollout])]
+        wrong = {f"rollout-{i}": v for i, v in enumerate(versions) if v != self.synced_version}
+        if wrong:
+            raise RuntimeError(f"step {self.step}: rollout engines disagree on their weights: "
+                               + ", ".join(f"{k} serves version {v}" for k, v in wrong.items())
+                               + f", expected version {self.synced_version} everywhere")
+
+    def check_staleness(self, batch) -> None:
+        """No trained sample may come from weights more than `trainer.max_staleness` versions behind
+        the learner's."""
+        on_policy = batch.weights_version[~batch.is_expert]
+        if len(on_policy) == 0:
+            return
+        oldest = int(on_policy.min())
+        if self.version - oldest > self.cfg.trainer.max_staleness:
+            raise RuntimeError(f"step {self.step}: a sample came from weights version {oldest}, "
+                               f"{self.version - oldest} behind the learner's {self.version}; "
+                               f"trainer.max_staleness={self.cfg.trainer.max_staleness}")
 
     def prompt_ids(self, ex: Example) -> list[int]:
         if ex.id not in self.prompt_ids_cache:
@@ -278,6 +301,7 @@ class Trainer:
         over it on the same prompts with a 95% interval (`val/gain_vs_sft`, `val/gain_vs_sft_ci95`)."""
         t = self.cfg.trainer
         self.sync_weights()
+        self.check_engine_versions()
         out, greedy = {}, {}
         sets = {path: examples[: t.eval_max_prompts or None] for path, examples in self.val_sets.items()}
         bar = self.progress.task("eval", sum(map(len, sets.values())) * (2 if t.eval_pass_k else 1), "prompt")

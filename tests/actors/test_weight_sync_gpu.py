@@ -9,7 +9,7 @@ import torch
 from actors.group import ActorGroup, named_actor
 from actors.learner import Learner
 from actors.rollout import RolloutRequest, RolloutWorker, SamplingSpec
-from actors.weight_sync import NcclWeightSync
+from actors.weight_sync import TransferWeightSync
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -28,13 +28,14 @@ def test_nccl_broadcast_reaches_the_engine(ray_local, tiny_models):
         before = ray.get(worker.generate.remote(request, greedy))[0].samples[0].token_ids.tolist()
         # change the learner's weights, then broadcast them
         state = ray.get(learners.run("full_state_dict"))[0]
-        sync = NcclWeightSync(learners, [worker])
+        sync = TransferWeightSync(learners, [worker], backend="nccl")
         from test_learner import fixed_batch  # same folder: a deterministic batch with experts
 
         ray.get(learners.run("train_step", fixed_batch(), loss_name="sft", loss_kwargs={"agg": "token-mean"}))
         sync.push(1)
         after = ray.get(worker.generate.remote(request, greedy))[0]
         assert after.samples[0].weights_version == 1
+        assert ray.get(worker.info.remote())["weights_version"] == 1
         assert after.samples[0].token_ids.tolist() != before
         new_state = ray.get(learners.run("full_state_dict"))[0]
         assert any(not torch.equal(state[k], new_state[k]) for k in state)
