@@ -269,17 +269,18 @@ class Learner:
         base = self._base_optimizer()
         total = torch.zeros((), dtype=torch.float64)
         if isinstance(base, torch.optim.AdamW):
-            for group in base.param_groups:
-                (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
-                for p in group["params"]:
-                    st = base.state.get(p)
-                    if not st:
-                        continue
-                    t = float(st["step"])
-                    step = st["exp_avg"] / (1 - b1**t) / ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
-                    if wd:
-                        step = step + wd * p.detach()
-                    total += float((lr * step).double().pow(2).sum())
+            # walk the state, not param_groups: ZeRO-3 puts each sub-group's flat fp32 partition in
+            # param_groups only for the duration of its step (one group's hyperparameters serve all)
+            group = base.param_groups[0]
+            (b1, b2), lr, eps, wd = group["betas"], group["lr"], group["eps"], group["weight_decay"]
+            for p, st in base.state.items():
+                if "exp_avg" not in st:
+                    continue
+                t = float(st["step"])
+                step = st["exp_avg"] / (1 - b1**t) / ((st["exp_avg_sq"] / (1 - b2**t)).sqrt() + eps)
+                if wd:
+                    step = step + wd * p.detach()
+                total += float((lr * step).double().pow(2).sum())
         if self.world_size > 1:
             total = total.to(self.device)
             dist.all_reduce(total)
@@ -360,7 +361,7 @@ class Learner:
                         rank=self.rank)
         self.transfer = WeightTransferTrainerFactory.trainer_init(
             info, client=EngineClient(rollout_workers, tensor_parallel_size),
-            source=ZeroWeightSource(self.engine.module, gather=self.zero_stage == 3))
+            source=ZeroWeightSource(self.engine.module, gather=self.zero_stage == 3, copy=backend != "gloo"))
 
     def send_weights(self, version: int) -> None:
         """Send the current weights to every engine, which then serve them as `version` (all ranks)."""
@@ -395,15 +396,16 @@ class ZeroWeightSource:
     """The learner's full HF-named weights as vLLM's `WeightSource` protocol (`metadata()` and a
     fresh iteration per round). Under ZeRO-3 every rank iterates in lockstep: each decoder layer's
     parameters are gathered together (one collective per layer, vLLM's `layerwise_groups`) and
-    yielded as copies, which stay valid after the layer is partitioned again (vLLM's packed NCCL
-    producer holds several layers' tensors before it packs them)."""
+    partitioned again after; with `copy` they are yielded as copies that outlive that (vLLM's packed
+    NCCL producer holds several layers' tensors before it packs them; the gloo sender copies each
+    into its bucket at once and needs none)."""
 
-    def __init__(self, module: torch.nn.Module, *, gather: bool):
+    def __init__(self, module: torch.nn.Module, *, gather: bool, copy: bool = True):
         from vllm.distributed.weight_transfer.base import layerwise_groups
 
         self.params = dict(module.named_parameters())
         self.groups = layerwise_groups(list(self.params))
-        self.gather = gather
+        self.gather, self.copy = gather, copy
 
     def metadata(self):
         from vllm.distributed.weight_transfer.base import ParamMeta
@@ -418,7 +420,7 @@ class ZeroWeightSource:
             with deepspeed.zero.GatheredParameters([self.params[n] for n in group], enabled=self.gather):
                 for n in group:
                     p = self.params[n].detach()
-                    yield n, p.clone() if self.gather else p
+                    yield n, p.clone() if self.gather and self.copy else p
 
 
 def gather_rank_rows(results: list[dict[str, torch.Tensor]], key: str,

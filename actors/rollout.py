@@ -174,7 +174,7 @@ class RolloutWorker:
         """Load the full HF-named state dict saved under `weights_path` in place; returns seconds."""
         t0 = time.time()
         self.llm.collective_rpc("reload_weights", kwargs={"weights_path": weights_path})
-        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        self._forget_old_weights()
         self.weights_version = version
         return time.time() - t0
 
@@ -203,10 +203,11 @@ class RolloutWorker:
 
     def _forget_old_weights(self) -> None:
         """Drop what was computed with the old weights: cached KV and, for a VL model, the cached
-        vision-encoder outputs (vLLM's `reload_weights` resets these; `finish_weight_update` does not)."""
+        vision-encoder outputs, in the scheduler and the model runner together (resetting only the
+        runner's, as `reload_weights` does, leaves the scheduler counting on entries that are gone:
+        "Encoder cache miss")."""
         self.llm.reset_prefix_cache()
-        self.llm.reset_mm_cache()
-        self.llm.collective_rpc("reset_encoder_cache")
+        self.llm.llm_engine.reset_encoder_cache()
 
     # ---- introspection ----------------------------------------------------------------------
 
