@@ -149,7 +149,8 @@ class Learner:
         updates_per_step = (cfg.trainer.prompts_per_step // ln.mini_batch_prompts) * ln.ppo_epochs
         return ActorGroup(
             cls, ln.num_learners, name_prefix="learner", num_cpus_per_actor=ln.num_cpus_per_learner,
-            num_gpus_per_actor=1 if torch.cuda.is_available() else 0, model_path=cfg.model.path,
+            num_gpus_per_actor=ln.num_gpus_per_learner if torch.cuda.is_available() else 0,
+            model_path=cfg.model.path,
             zero_stage=ln.zero_stage, lr=ln.lr, weight_decay=ln.weight_decay, grad_clip=ln.grad_clip,
             lr_warmup_steps=ln.lr_warmup_steps * updates_per_step, lr_schedule=ln.lr_schedule,
             total_updates=cfg.trainer.total_steps * updates_per_step,

@@ -78,6 +78,9 @@ class RolloutConfig:
     (CPU); `auto` picks by device; or `shm` (safetensors in /dev/shm + vLLM's reload_weights)."""
     num_cpus_per_worker: float = 1.0
     """Ray CPUs reserved per rollout actor."""
+    num_gpus_per_worker: float = 0.0
+    """Ray GPUs reserved per rollout actor where CUDA is present; 0: one per tensor-parallel rank. A
+    fraction (e.g. 0.5 with `learner.num_gpus_per_learner: 0.5`) shares one GPU with a learner."""
     stream_chunk_prompts: int = 2
     """Prompts per rollout request: groups reach the calibration stage as each request completes."""
 
@@ -173,6 +176,8 @@ class LearnerConfig:
     """Sequences per forward/backward on one rank (gradient accumulation inside a mini-batch)."""
     ppo_epochs: int = 1
     """Passes over each step's batch."""
+    num_gpus_per_learner: float = 1.0
+    """Ray GPUs reserved per learner where CUDA is present (a fraction shares a GPU with an engine)."""
     num_cpus_per_learner: float = 1.0
     """Ray CPUs reserved per learner actor."""
     sft_lr: float | None = None
