@@ -51,15 +51,17 @@ def main() -> int:
     out = args.out or os.path.join(root, "run")
     learners = max(1, gpus // 2)
     engines = max(1, gpus - learners)
-    layout = ([f"learner.num_learners={learners}", f"rollout.num_workers={engines}", "rollout.weight_sync=nccl"]
-              if gpus >= 2 else
+    layout = ([f"learner.num_learners={learners}", f"rollout.num_workers={engines}",
+               "rollout.weight_sync=nccl"] if gpus >= 2 else
               ["learner.num_learners=1", "rollout.num_workers=1", "rollout.weight_sync=shm",
                "learner.num_gpus_per_learner=0.5", "rollout.num_gpus_per_worker=0.5"])
-    recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "qwen25vl_7b_calibrl.yaml")
+    recipe = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs",
+                          "qwen25vl_7b_calibrl.yaml")
     cfg = load_config(recipe, [
         f"model.path={model}", "model.max_model_len=1024", f"data.train_files=[{data['train']}]",
         f"data.val_files=[{data['val']}]", "data.max_prompt_length=512", "rollout.tensor_parallel_size=1",
-        "rollout.samples_per_prompt=4", "rollout.max_response_length=32", "rollout.gpu_memory_utilization=0.3",
+        "rollout.samples_per_prompt=4", "rollout.max_response_length=32",
+        "rollout.gpu_memory_utilization=0.3",
         "rollout.stream_chunk_prompts=2", "verifier.num_workers=2", "learner.mini_batch_prompts=4",
         "learner.lr=1e-4", "trainer.prompts_per_step=8", f"trainer.total_steps={args.steps}",
         "trainer.eval_max_prompts=8", "trainer.eval_pass_k=1", f"trainer.output_dir={out}", *layout])
@@ -68,7 +70,7 @@ def main() -> int:
     t0 = time.time()
     train(cfg)
     rows = [r for r in read_metrics(out) if r["kind"] == "train"]
-    print(f"\n| step | sync s | rollout-vs-learner log-prob gap | step s |\n|---|---|---|---|")
+    print("\n| step | sync s | rollout-vs-learner log-prob gap | step s |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['step']} | {r.get('time/sync_s', float('nan')):.3f} | "
               f"{r['policy/rollout_vs_learner_logp_gap']:.4f} | {r['time/step_s']:.2f} |")

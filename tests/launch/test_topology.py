@@ -46,12 +46,14 @@ def test_7b_recipe_shape_two_steps(ray_local, tiny_models, tmp_path):
         # a reward the random tiny model earns on some samples, so that the updates have a signal
         "verifier.reward_function=tests.launch.reward_fns:odd_length",
     ])
-    assert (cfg.learner.zero_stage, cfg.rollout.weight_sync, cfg.model.gradient_checkpointing) == (3, "auto", True)
+    recipe = (cfg.learner.zero_stage, cfg.rollout.weight_sync, cfg.model.gradient_checkpointing)
+    assert recipe == (3, "auto", True)
     trainer = Trainer(cfg)
     try:
         trainer.fit()
         steps = {r["step"]: r for r in read_metrics(out) if r["kind"] == "train"}
         assert sorted(steps) == [1, 2]
+        assert steps[1]["weights/staleness_max"] == 0  # the first batch is sampled before any update
         assert steps[2]["weights/staleness_max"] == 1  # step 2 was sampled while step 1 trained
         assert steps[2]["train/update_norm"] > 0
         # every engine serves the final weights; both verifiers scored

@@ -1,7 +1,7 @@
 """The driver end to end on the real stack (Ray, vLLM CPU, DeepSpeed gloo) with the tiny VL model:
 a few steps change the weights and write metrics and checkpoints; resume reproduces an
-uninterrupted run; dynamic sampling refills; one-step-off keeps staleness <= 1; a parquet in the
-reference implementation's format trains with only the data files given."""
+uninterrupted run; dynamic sampling refills; a parquet in the reference implementation's format
+trains with only the data files given. (One-step-off: tests/launch/test_topology.py.)"""
 
 import json
 import os
@@ -130,18 +130,6 @@ def test_dynamic_sampling_refills_the_batch(ray_local, tiny_models, data_dir, tm
         if not r.get("sampling/skipped_step"):
             assert 1 <= r["calib/groups"] <= 2  # only informative groups were kept
             assert r["groups/all_fail_frac"] > 0 or r["sampling/rounds"] == 1
-
-
-def test_one_step_off_staleness_is_one(ray_local, tiny_models, data_dir, tmp_path):
-    out = str(tmp_path / "async")
-    run(load_config(None, overrides(tiny_models, data_dir, out, "trainer.total_steps=3",
-                                    "trainer.one_step_off=true",
-                                    "verifier.reward_function=tests.launch.reward_fns:odd_length")))
-    steps = train_records(out)
-    assert sorted(steps) == [1, 2, 3]
-    assert steps[1]["weights/staleness_max"] == 0  # the first batch is sampled before any update
-    # sampled while training
-    assert steps[2]["weights/staleness_max"] == steps[3]["weights/staleness_max"] == 1
 
 
 def reference_format_file(path, n=4):
