@@ -221,12 +221,16 @@ class ExpertStore:
 
     def add_many(self, items: Sequence[tuple[str, str, str]]) -> None:
         """Add several (prompt_id, trajectory_text, source) at once, with one write of additions.parquet.
-        Every item is checked before anything is stored."""
+        Every item is checked before anything is stored; an item already stored is not stored twice."""
         for i, (prompt_id, text, source) in enumerate(items):
             problem = _addition_problem(prompt_id, text, source)
             if problem:
                 error, field, message = problem
                 raise error(f"ExpertStore.add: item {i}, field '{field}': {message}")
+        # already stored (a call retried after the store restarted): kept once
+        items = [(p, t, s) for p, t, s in items if (t, s) not in self.additions.get(p, [])]
+        if not items:
+            return
         rows = self._additions_rows + [{"prompt_id": p, "text": t, "source": s} for p, t, s in items]
         write_parquet_atomic(self.additions_path, pa.Table.from_pylist(rows, schema=ADDITIONS_SCHEMA))
         self._additions_rows = rows
@@ -240,8 +244,10 @@ class ExpertStore:
                     max_cached: int = 4096):
         """The run's expert-store actor: experts of `data.train_files`, tokenised with `model.path`'s
         tokenizer, chosen by `algorithm.expert_choice` (seeded by `trainer.seed`), additions in
-        `trainer.output_dir/experts`."""
+        `trainer.output_dir/experts`. A store that dies comes back with its data and persisted additions,
+        and the calls in flight are retried on it (reads and additions are idempotent)."""
         return named_actor(cls, name, num_cpus=num_cpus, files=list(cfg.data.train_files),
+                           max_restarts=cfg.reliability.actor_restarts, max_task_retries=-1,
                            tokenizer_path=cfg.model.path,
                            additions_dir=os.path.join(cfg.trainer.output_dir, "experts"),
                            expert_key=cfg.data.expert_key, choice=cfg.algorithm.expert_choice,

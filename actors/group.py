@@ -52,10 +52,14 @@ def _named(cls):
 
 
 def named_actor(cls, name: str, *, num_cpus: float = 1, num_gpus: float = 0, log_dir: str | None = None,
-                **kwargs):
+                max_restarts: int = 0, max_task_retries: int = 0, **kwargs):
     """One Ray actor of plain class `cls`, named `name` on the dashboard and in log prefixes; with
-    `log_dir`, its process's third-party output goes to `{log_dir}/{name}.log`."""
-    return ray.remote(_named(cls)).options(name=name, num_cpus=num_cpus, num_gpus=num_gpus).remote(
+    `log_dir`, its process's third-party output goes to `{log_dir}/{name}.log`. `max_restarts`: Ray
+    starts a dead one again (same name, same constructor arguments); `max_task_retries`: calls that
+    were in flight are retried on the new process (only for idempotent roles)."""
+    return ray.remote(_named(cls)).options(name=name, num_cpus=num_cpus, num_gpus=num_gpus,
+                                           max_restarts=max_restarts,
+                                           max_task_retries=max_task_retries).remote(
         actor_name=name, log_dir=log_dir, **kwargs)
 
 

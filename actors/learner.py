@@ -65,7 +65,9 @@ def ds_config(*, zero_stage: int, grad_clip: float, bf16: bool, micro_batch_per_
         "gradient_clipping": grad_clip,
         "zero_optimization": {"stage": zero_stage},
         "zero_allow_untested_optimizer": True,  # torch AdamW (DeepSpeed's fused Adam is CUDA-only)
-        "bf16": {"enabled": bf16},
+        # a non-finite gradient norm skips the update (DeepSpeed clears the gradients; Adam's state and
+        # the weights stay as they were); on by default for fp32, asked for under bf16
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
@@ -211,15 +213,18 @@ class Learner:
                    epochs: int = 1) -> dict[str, float]:
         """One optimizer update per mini-batch (consecutive groups), `epochs` passes over the batch.
         A mini-batch whose loss has no gradient (`has_signal`: every advantage 0) is skipped, so
-        Adam's momentum does not move the weights with nothing to learn from.
+        Adam's momentum does not move the weights with nothing to learn from; one whose gradient norm
+        is not finite (a NaN or inf loss) is not applied (DeepSpeed's overflow check) and counted.
 
         `loss_kwargs` are `calibrl.algo.compute_loss`'s keywords (clip_low, alpha, lam, agg, ...).
         Returns this rank's share of the loss metrics, plus the mean gradient norm (before clipping)
-        and update norm (||delta theta||, all ranks) over the updates taken, and the skipped count."""
+        and update norm (||delta theta||, all ranks) over the updates taken, the skipped count, and the
+        non-finite ones (`train/nonfinite_updates`; `train/nonfinite_trailing`: how many in a row end the
+        step)."""
         self.engine.train()
         t0 = time.time()
         sums: dict[str, float] = {}
-        micro_count, skipped = 0, 0
+        micro_count, skipped, nonfinite, trailing = 0, 0, 0, 0
         grad_norms, update_norms = [], []
         coefs = {k: loss_kwargs.get(k, 0.0) for k in ("entropy_coef", "kl_coef")}
         for _ in range(epochs):
@@ -244,8 +249,14 @@ class Learner:
                         for k, v in metrics.items():
                             sums[k] = sums.get(k, 0.0) + float(v)
                 self.engine.step()
+                norm = self.engine.get_global_grad_norm()
+                if norm is not None and not math.isfinite(float(norm)):
+                    nonfinite += 1  # DeepSpeed skipped this update
+                    trailing += 1
+                    continue
+                trailing = 0
                 self.updates += 1
-                grad_norms.append(float(self.engine.get_global_grad_norm() or 0.0))
+                grad_norms.append(float(norm or 0.0))
                 update_norms.append(self._update_norm())
         taken = len(grad_norms)
         # losses are shares of a mini-batch's loss: their sum over micro-batches is this rank's share
@@ -253,6 +264,9 @@ class Learner:
         out["train/grad_norm"] = sum(grad_norms) / max(1, taken)
         out["train/update_norm"] = sum(update_norms) / max(1, taken)
         out["train/skipped_updates"] = float(skipped)
+        out["train/nonfinite_updates"] = float(nonfinite)
+        out["train/nonfinite_trailing"] = float(trailing)
+        out["train/updates_applied"] = float(taken)
         out["train/lr"] = float(self.scheduler.get_last_lr()[0])
         out["train/micro_batches"] = micro_count
         out["time/train_rank_s"] = time.time() - t0
@@ -338,8 +352,8 @@ class Learner:
         link_model_files(self.model_path, path)
         return path
 
-    def init_weight_transfer(self, rollout_workers: list, *, backend: str,
-                             tensor_parallel_size: int = 1) -> None:
+    def init_weight_transfer(self, rollout_workers: list, *, backend: str, tensor_parallel_size: int = 1,
+                             timeout_s: float = 1800.0) -> None:
         """Join vLLM's weight-transfer group with the engines (every rank calls this; rank 0 sends):
         `nccl` on GPU, `gloo` on CPU (actors/gloo_transfer.py), through vLLM's trainer factory."""
         import torch.distributed as dist
@@ -359,7 +373,7 @@ class Learner:
             dist.broadcast_object_list(addr_port, src=0)
         info = InitInfo(master_address=addr_port[0], master_port=addr_port[1],
                         world_size=transfer_world_size(len(rollout_workers), tensor_parallel_size),
-                        rank=self.rank)
+                        rank=self.rank, **({"timeout_s": timeout_s} if backend == "gloo" else {}))
         self.transfer = WeightTransferTrainerFactory.trainer_init(
             info, client=EngineClient(rollout_workers, tensor_parallel_size),
             source=ZeroWeightSource(self.engine.module, gather=self.zero_stage == 3, copy=backend != "gloo"))

@@ -118,6 +118,7 @@ class RolloutWorker:
         r, m = cfg.rollout, cfg.model
         gpus = (r.num_gpus_per_worker or r.tensor_parallel_size) if torch.cuda.is_available() else 0
         return [named_actor(cls, f"{name_prefix}-{i}", num_cpus=r.num_cpus_per_worker, num_gpus=gpus,
+                            max_restarts=cfg.reliability.actor_restarts,
                             model_path=model_path or m.path, dtype=m.dtype, max_model_len=m.max_model_len,
                             kv_cache_memory_mib=r.kv_cache_memory_mib,
                             tensor_parallel_size=r.tensor_parallel_size,

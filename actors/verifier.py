@@ -221,9 +221,9 @@ class VerifierPool:
 
     def __init__(self, num_workers: int, *, timeout_s: float = 5.0, pass_threshold: float = 0.1,
                  reward_function: str | None = None, num_cpus_per_worker: float = 1.0,
-                 name_prefix: str = "verifier", log_dir: str | None = None):
+                 name_prefix: str = "verifier", log_dir: str | None = None, max_restarts: int = 0):
         self.workers = [named_actor(VerifierWorker, f"{name_prefix}-{i}", num_cpus=num_cpus_per_worker,
-                                    log_dir=log_dir,
+                                    log_dir=log_dir, max_restarts=max_restarts,
                                     timeout_s=timeout_s, pass_threshold=pass_threshold,
                                     reward_function=reward_function)
                         for i in range(num_workers)]
@@ -236,14 +236,24 @@ class VerifierPool:
         v = cfg.verifier
         return cls(v.num_workers, timeout_s=v.timeout_s, pass_threshold=v.pass_threshold,
                    reward_function=v.reward_function, num_cpus_per_worker=v.num_cpus_per_worker,
-                   name_prefix=name_prefix, log_dir=actor_log_dir(cfg))
+                   name_prefix=name_prefix, log_dir=actor_log_dir(cfg),
+                   max_restarts=cfg.reliability.actor_restarts)
 
-    def submit(self, pairs: Sequence[tuple[str, str]]) -> ray.ObjectRef:
-        """Score (response, answer) pairs on the next worker (round robin); the ref resolves to
-        `VerifierWorker.score`'s (verdicts, metrics). For streaming many small chunks."""
-        worker = self.workers[self._next % len(self.workers)]
+    def submit(self, pairs: Sequence[tuple[str, str]], *,
+               avoid: int | None = None) -> tuple[ray.ObjectRef, int]:
+        """Score (response, answer) pairs on the next worker (round robin, skipping `avoid` when there
+        is another); returns the ref, which resolves to `VerifierWorker.score`'s (verdicts, metrics),
+        and the worker's index. For streaming many small chunks."""
+        index = self._next % len(self.workers)
+        if index == avoid and len(self.workers) > 1:
+            self._next += 1
+            index = self._next % len(self.workers)
         self._next += 1
-        return worker.score.remote(list(pairs))
+        return self.workers[index].score.remote(list(pairs)), index
+
+    def replace(self, index: int) -> None:
+        """Kill worker `index` (hung); Ray starts it again under the same name."""
+        ray.kill(self.workers[index], no_restart=False)
 
     def score(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[Verdict], dict]:
         """Verdicts for responses[i] against answers[i], in order, and the merged metrics."""

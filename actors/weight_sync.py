@@ -26,11 +26,12 @@ class ShmWeightSync:
         base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
         self.root = root or os.path.join(base, f"calibrl-weights-{uuid.uuid4().hex[:8]}")
 
-    def push(self, version: int) -> dict[str, float]:
+    def push(self, version: int, timeout: float | None = None) -> dict[str, float]:
         t0 = time.time()
-        path = ray.get(self.learners.run("export_weights", version, self.root))[0]
+        path = ray.get(self.learners.run("export_weights", version, self.root), timeout=timeout)[0]
         t1 = time.time()
-        ray.get([w.load_weights_from_path.remote(version, path) for w in self.rollout_workers])
+        ray.get([w.load_weights_from_path.remote(version, path) for w in self.rollout_workers],
+                timeout=timeout)
         t2 = time.time()
         self._prune(version)
         return {"time/sync_export_s": t1 - t0, "time/sync_load_s": t2 - t1, "time/sync_s": t2 - t0}
@@ -40,6 +41,9 @@ class ShmWeightSync:
         for name in os.listdir(self.root):
             if name != f"v{version}":
                 shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+
+    def reconnect(self, timeout: float | None = None) -> None:
+        """Nothing to rebuild: every push writes a file each engine reads."""
 
     def close(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -86,14 +90,22 @@ class TransferWeightSync:
     """vLLM's weight-transfer API: `nccl` (vLLM's engine, GPU) or `gloo` (actors/gloo_transfer.py,
     CPU). The same learner and driver code for both; only the backend name differs."""
 
-    def __init__(self, learners, rollout_workers: list, *, backend: str, tensor_parallel_size: int = 1):
+    def __init__(self, learners, rollout_workers: list, *, backend: str, tensor_parallel_size: int = 1,
+                 timeout_s: float = 1800.0):
         self.learners, self.rollout_workers = learners, rollout_workers
-        ray.get(self.learners.run("init_weight_transfer", rollout_workers, backend=backend,
-                                  tensor_parallel_size=tensor_parallel_size))
+        self.options = {"backend": backend, "tensor_parallel_size": tensor_parallel_size,
+                        "timeout_s": timeout_s}
+        self.reconnect()
 
-    def push(self, version: int) -> dict[str, float]:
+    def reconnect(self, timeout: float | None = None) -> None:
+        """(Re)build the transfer group of learner rank 0 and every engine (after an engine restarted,
+        its process is a new one)."""
+        ray.get(self.learners.run("init_weight_transfer", self.rollout_workers, **self.options),
+                timeout=timeout)
+
+    def push(self, version: int, timeout: float | None = None) -> dict[str, float]:
         t0 = time.time()
-        ray.get(self.learners.run("send_weights", version))
+        ray.get(self.learners.run("send_weights", version), timeout=timeout)
         return {"time/sync_s": time.time() - t0}
 
     def close(self) -> None:
@@ -116,7 +128,8 @@ def make_weight_sync(cfg, learners, rollout_workers: list):
     if backend == "shm":
         return ShmWeightSync(learners, rollout_workers)
     return TransferWeightSync(learners, rollout_workers, backend=backend,
-                              tensor_parallel_size=cfg.rollout.tensor_parallel_size)
+                              tensor_parallel_size=cfg.rollout.tensor_parallel_size,
+                              timeout_s=cfg.reliability.sync_timeout_s)
 
 
 def link_model_files(model_path: str, weights_dir: str) -> None:

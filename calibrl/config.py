@@ -231,6 +231,30 @@ WEIGHT_SYNCS = ("auto", "nccl", "gloo", "shm")
 
 
 @dataclass
+class ReliabilityConfig:
+    """How a run survives lost actors and hangs: every wait on an actor has a deadline; stateless
+    roles (rollout engines, verifiers, the expert store) are restarted by Ray and their work resent;
+    a lost learner rank stops the run with a message (resume with `trainer.resume=auto`)."""
+
+    actor_restarts: int = 20
+    """Restarts Ray grants each rollout engine, verifier and the expert store over a run."""
+    rollout_timeout_s: float = 900.0
+    """Longest a chunk of rollout requests may take; past it the engine counts as hung and is replaced."""
+    verify_timeout_s: float = 300.0
+    """Longest a verifier may take over one chunk; past it the chunk goes to another verifier."""
+    logprobs_timeout_s: float = 1800.0
+    """Longest the learners' old-log-prob pass may take before the run stops naming them."""
+    train_timeout_s: float = 3600.0
+    """Longest the learners' update may take before the run stops naming them."""
+    sync_timeout_s: float = 600.0
+    """Longest a weight push may take (also the transfer group's collective timeout)."""
+    restart_timeout_s: float = 600.0
+    """Longest a restarted engine may take to come back (vLLM start-up included)."""
+    max_nonfinite_updates: int = 3
+    """Updates in a row skipped for a non-finite loss or gradient before the run stops."""
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -239,6 +263,7 @@ class Config:
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,14 @@
 """Rollout streaming: a step's prompts go to the vLLM workers in chunks; each chunk, as it completes
 (`ray.wait`), goes to the next verifier of the pool (round robin) while generation continues, and
 its groups enter the step's calibration stage, joined with their prompts' experts, when its
-verdicts arrive. DAPO's dynamic sampling draws more prompts until the stage holds
+verdicts arrive.
+
+Lost actors: a chunk whose engine dies (or passes `reliability.rollout_timeout_s`, when the engine
+is killed as hung) goes to a healthy engine, or, when none is left, to the restarted one after the
+driver's `recover` has pushed it the current weights; the driver recovers every lost engine before
+the step ends. A chunk whose verifier dies or passes `reliability.verify_timeout_s` is scored again
+on another verifier (a hung one is killed; Ray restarts it). The expert store restarts itself and
+Ray retries its reads. DAPO's dynamic sampling draws more prompts until the stage holds
 enough informative groups (at most `algorithm.max_sampling_rounds` rounds).
 
 `RolloutStream.start(step)` submits and returns a `PendingRollout` at once, so the driver can
@@ -12,6 +19,7 @@ returns the assembled `TrainBatch` with the rollout's metrics.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
@@ -22,6 +30,9 @@ from calibrl.algo.metrics import stage_metrics
 from calibrl.config import Config
 from calibrl.data import PromptSampler
 from calibrl.data.schema import Example
+
+POLL_S = 1.0
+"""How often the driver checks the deadlines of what is in flight."""
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -38,8 +49,8 @@ class PendingRollout:
     sampler_state: dict
     """The prompt sampler's state before this rollout drew: a checkpoint taken while it is in
     flight resumes by drawing these prompts again."""
-    refs: dict = field(default_factory=dict)  # generate ObjectRef -> list[Example]
-    verdicts: dict = field(default_factory=dict)  # verify ObjectRef -> (examples, results, experts ref)
+    refs: dict = field(default_factory=dict)  # generate ObjectRef -> Generating
+    verdicts: dict = field(default_factory=dict)  # verify ObjectRef -> Verifying
     rounds: int = 0
     prompts_drawn: int = 0
     verify_s: float = 0.0
@@ -48,14 +59,46 @@ class PendingRollout:
     """Seconds the driver waited for verdicts after the last chunk finished generating."""
     verify_timeouts: int = 0
     verify_errors: int = 0
+    engines_lost: int = 0
+    """Chunks whose engine died or hung; each was sent again."""
+    verifiers_lost: int = 0
+    """Chunks whose verifier died or hung; each was scored again elsewhere."""
+
+
+@dataclass
+class Generating:
+    """A chunk of requests on engine `worker` since `started`."""
+
+    examples: list[Example]
+    requests: list[RolloutRequest]
+    sampling: SamplingSpec
+    worker: int
+    started: float
+
+
+@dataclass
+class Verifying:
+    """A generated chunk on verifier `verifier` since `started`, its experts being fetched."""
+
+    examples: list[Example]
+    results: list
+    pairs: list[tuple[str, str]]
+    experts_ref: ray.ObjectRef
+    verifier: int
+    started: float
 
 
 class RolloutStream:
     def __init__(self, cfg: Config, *, sampler: PromptSampler, rollout_workers: list, verifiers, experts,
-                 pad_token_id: int):
+                 pad_token_id: int, recover: Callable[[], None] = lambda: None,
+                 notify: Callable[[str], None] = print):
+        """`recover()`: bring every lost engine back with the current weights (the driver's);
+        `notify(line)`: tell the user what happened."""
         self.cfg, self.sampler = cfg, sampler
         self.workers, self.verifiers, self.experts = rollout_workers, verifiers, experts
         self.pad_token_id = pad_token_id
+        self.recover, self.notify = recover, notify
+        self.lost: set[int] = set()  # engines that died or hung since the last recover()
 
     def start(self, step: int) -> PendingRollout:
         """Draw step `step`'s prompts and submit them; returns without waiting."""
@@ -86,10 +129,13 @@ class RolloutStream:
             part = examples[start:start + chunk]
             requests = [RolloutRequest(prompt_id=e.id, prompt=e.prompt, images=list(e.images),
                                        seed=seed0 + start + j) for j, e in enumerate(part)]
-            worker = self.workers[k % len(self.workers)]
-            pending.refs[worker.generate.remote(requests, sampling)] = part
+            self._generate(pending, Generating(part, requests, sampling, k % len(self.workers), 0.0))
         pending.rounds += 1
         pending.prompts_drawn += len(examples)
+
+    def _generate(self, pending: PendingRollout, job: Generating) -> None:
+        job.started = time.time()
+        pending.refs[self.workers[job.worker].generate.remote(job.requests, job.sampling)] = job
 
     def finish(self, pending: PendingRollout) -> tuple[TrainBatch, dict[str, float]]:
         """Verify completed chunks as they come and add their groups as their verdicts come (refilling
@@ -98,9 +144,15 @@ class RolloutStream:
         stage = pending.stage
         generated_at = None
         while pending.refs or pending.verdicts:
-            ready, _ = ray.wait([*pending.refs, *pending.verdicts], num_returns=1)
-            if ready[0] in pending.refs:
-                self._verify(pending, pending.refs.pop(ready[0]), ray.get(ready[0]))
+            ready, _ = ray.wait([*pending.refs, *pending.verdicts], num_returns=1, timeout=POLL_S)
+            if not ready:
+                self._cut_hangs(pending)
+            elif ready[0] in pending.refs:
+                job = pending.refs.pop(ready[0])
+                try:
+                    self._verify(pending, job.examples, ray.get(ready[0]))
+                except ray.exceptions.RayActorError as e:
+                    self._engine_lost(pending, job, f"died ({type(e).__name__})")
             else:
                 self._add_groups(pending, ready[0])
             if not pending.refs and generated_at is None:
@@ -110,32 +162,88 @@ class RolloutStream:
                     and pending.rounds < a.max_sampling_rounds):
                 self._submit_round(pending)
                 generated_at = None
+        if self.lost:
+            self.recover()  # every engine serves the current weights before anything else reads them
+            self.lost.clear()
         pending.verify_tail_s = time.time() - generated_at if generated_at else 0.0
         t0 = time.time()
         batch, stage_counts = stage.assemble(max_groups=t.prompts_per_step)
         return batch, stage_metrics(stage_counts) | {
             "sampling/rounds": pending.rounds, "sampling/prompts_drawn": pending.prompts_drawn,
             "verify/timeouts": pending.verify_timeouts, "verify/errors": pending.verify_errors,
+            "faults/engine_chunks_resent": pending.engines_lost,
+            "faults/verifier_chunks_resent": pending.verifiers_lost,
             "time/verify_s": pending.verify_s, "time/verify_tail_s": pending.verify_tail_s,
             "time/calibrate_s": time.time() - t0}
+
+    def _cut_hangs(self, pending: PendingRollout) -> None:
+        """Past its deadline, an engine or a verifier counts as hung: it is killed (Ray restarts it)
+        and its chunk sent elsewhere."""
+        r, now = self.cfg.reliability, time.time()
+        for ref, job in list(pending.refs.items()):
+            if now - job.started > r.rollout_timeout_s and ref in pending.refs:
+                pending.refs.pop(ref)
+                ray.kill(self.workers[job.worker], no_restart=False)
+                self._engine_lost(pending, job, f"gave no answer in {r.rollout_timeout_s:.0f} s "
+                                                "(reliability.rollout_timeout_s) and was killed")
+        for ref, job in list(pending.verdicts.items()):
+            if now - job.started > r.verify_timeout_s:
+                pending.verdicts.pop(ref)
+                self.verifiers.replace(job.verifier)
+                self._verifier_lost(pending, job, f"gave no verdicts in {r.verify_timeout_s:.0f} s "
+                                                  "(reliability.verify_timeout_s) and was killed")
+
+    def _engine_lost(self, pending: PendingRollout, job: Generating, what: str) -> None:
+        """Send a lost engine's chunks (this one and any others it held) to healthy engines; with none
+        left, to the restarted ones after recovery."""
+        lost = job.worker
+        jobs = [job] + [pending.refs.pop(ref) for ref, j in list(pending.refs.items()) if j.worker == lost]
+        pending.engines_lost += len(jobs)
+        self.lost.add(lost)
+        healthy = [i for i in range(len(self.workers)) if i not in self.lost]
+        if not healthy:
+            self.notify(f"[calibrl] step {pending.step}: rollout-{lost} {what}; waiting for Ray to restart "
+                        "it and pushing it the current weights")
+            self.recover()
+            self.lost.clear()
+            healthy = list(range(len(self.workers)))
+        prompts = sum(len(j.requests) for j in jobs)
+        self.notify(f"[calibrl] step {pending.step}: rollout-{lost} {what}; its {prompts} prompt(s) go to "
+                    + ", ".join(f"rollout-{i}" for i in healthy))
+        for k, j in enumerate(jobs):
+            j.worker = healthy[k % len(healthy)]
+            self._generate(pending, j)
 
     def _verify(self, pending: PendingRollout, examples: list[Example], results: list) -> None:
         """Send one generated chunk to the verifier pool and ask for its experts; returns at once."""
         pairs = [(s.text, ex.answer) for ex, res in zip(examples, results) for s in res.samples]
         experts_ref = self.experts.get.remote([ex.id for ex in examples],
                                               self.cfg.algorithm.experts_per_group)
-        pending.verdicts[self.verifiers.submit(pairs)] = (examples, results, experts_ref)
+        ref, index = self.verifiers.submit(pairs)
+        pending.verdicts[ref] = Verifying(examples, results, pairs, experts_ref, index, time.time())
+
+    def _verifier_lost(self, pending: PendingRollout, job: Verifying, what: str) -> None:
+        pending.verifiers_lost += 1
+        ref, index = self.verifiers.submit(job.pairs, avoid=job.verifier)
+        self.notify(f"[calibrl] step {pending.step}: verifier-{job.verifier} {what}; its chunk goes to "
+                    f"verifier-{index}")
+        job.verifier, job.started = index, time.time()
+        pending.verdicts[ref] = job
 
     def _add_groups(self, pending: PendingRollout, verdict_ref) -> None:
         """A chunk's verdicts arrived: add its groups, with their experts, to the stage."""
-        examples, results, experts_ref = pending.verdicts.pop(verdict_ref)
-        verdicts, verify_metrics = ray.get(verdict_ref)
-        experts = ray.get(experts_ref)
+        job = pending.verdicts.pop(verdict_ref)
+        try:
+            verdicts, verify_metrics = ray.get(verdict_ref)
+        except ray.exceptions.RayActorError as e:
+            self._verifier_lost(pending, job, f"died ({type(e).__name__})")
+            return
+        experts = ray.get(job.experts_ref)
         pending.verify_timeouts += verify_metrics["timeouts"]
         pending.verify_errors += verify_metrics["errors"]
         pending.verify_s += verify_metrics["seconds"]
         i = 0
-        for ex, res in zip(examples, results):
+        for ex, res in zip(job.examples, job.results):
             n = len(res.samples)
             pending.stage.add(Group(prompt_id=ex.id, prompt_token_ids=res.prompt_token_ids, answer=ex.answer,
                                     responses=res.samples, verdicts=verdicts[i:i + n], experts=experts[ex.id],

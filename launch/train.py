@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 
@@ -39,6 +40,7 @@ from calibrl.algo.metrics import (
     batch_metrics,
     gradient_shares,
     greedy_change_rate,
+    nonfinite_streak,
     paired_gain,
     reduce_rank_metrics,
 )
@@ -58,6 +60,11 @@ PROMPT_DEPENDENCE_PROMPTS = 64
 PROGRESS_KEYS = {"reward": "reward/mean", "acc": "acc/mean", "entropy": "policy/entropy",
                  "calib": "loss/calib"}
 """What the RL progress bar shows: label -> metric."""
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (a learner rank lost, an engine that does not come back); the message says
+    what happened and how to continue."""
 
 
 class Trainer:
@@ -101,12 +108,16 @@ class Trainer:
         self.experts = ExpertStore.from_config(c)
         self.learners = Learner.from_config(c)
         self.method = METHODS[c.algorithm.name]
+        self.progress = Progress()
         self.stream = RolloutStream(c, sampler=self.sampler, rollout_workers=self.rollout,
-                                    verifiers=self.verifiers,
-                                    experts=self.experts, pad_token_id=self.tokenizer.pad_token_id)
+                                    verifiers=self.verifiers, experts=self.experts,
+                                    pad_token_id=self.tokenizer.pad_token_id, recover=self.recover_engines,
+                                    notify=self.progress.line)
         self.weight_sync = make_weight_sync(c, self.learners, self.rollout)
         self.logger = MetricsLogger(self.out)
-        self.progress = Progress()
+        self.engine_recoveries = 0
+        self.nonfinite = 0  # updates in a row skipped for a non-finite loss or gradient
+        self.stop_requested: str | None = None  # the signal that asked the run to stop
         self.step = 0
         self.sft_step = 0
         self.version = 0  # weights version the learners hold
@@ -124,15 +135,17 @@ class Trainer:
         else:
             self.log_eval(self.evaluate_now(), phase="start")  # the starting point, for the report
         if self.sft_step < c.sft_warmup_steps:
-            ray.get(self.learners.run("set_lr", self.cfg.learner.sft_lr or self.cfg.learner.lr))
+            self.on_learners("set_lr", self.cfg.learner.sft_lr or self.cfg.learner.lr, what="set_lr")
             self.progress.phase("SFT warm-up", c.sft_warmup_steps, initial=self.sft_step)
             while self.sft_step < c.sft_warmup_steps:
                 self.sft_step += 1
                 self.log_sft(self.sft_update(SFT_WARMUP_METHOD))
+                if self.stop_requested:
+                    return self.stop_now()
             self.progress.close()
-            ray.get(self.learners.run("set_lr", self.cfg.learner.lr))
+            self.on_learners("set_lr", self.cfg.learner.lr, what="set_lr")
             if self.cfg.learner.reset_optimizer_after_sft:
-                ray.get(self.learners.run("reset_optimizer"))
+                self.on_learners("reset_optimizer", what="reset_optimizer")
             self.log_eval(self.evaluate_now(), phase="after SFT warm-up")
             self.sft_greedy = self.last_greedy
         if self.resume_from and self.step >= c.total_steps:
@@ -151,6 +164,8 @@ class Trainer:
                 self.pending = self.train_step(self.pending or self.start_rollout(self.step))
             if c.eval_every_steps and self.step % c.eval_every_steps == 0 and self.step < c.total_steps:
                 self.log_eval(self.evaluate_now(), phase="periodic")
+            if self.stop_requested and self.step < c.total_steps:
+                return self.stop_now()
             if c.save_every_steps and self.step % c.save_every_steps == 0 and self.step < c.total_steps:
                 self.save()
         self.progress.close()
@@ -164,6 +179,21 @@ class Trainer:
                            f"({time.time() - self.logger.start:.0f} s); metrics, checkpoints and logs in "
                            f"{self.out}")
         return final
+
+    def request_stop(self, signum: int, _frame=None) -> None:
+        """SIGTERM / SIGINT: finish the step, write a checkpoint, return. A second one stops at once."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+        self.stop_requested = signal.Signals(signum).name
+        self.progress.line(f"[calibrl] {self.stop_requested}: stopping after this step with a checkpoint "
+                           "(send it again to stop at once)")
+
+    def stop_now(self) -> dict:
+        self.progress.close()
+        path = self.save()
+        self.progress.line(f"[calibrl] stopped by {self.stop_requested} at step {self.step} (SFT step "
+                           f"{self.sft_step}); continue with trainer.resume=auto from {path}")
+        return {}
 
     def train_step(self, pending: PendingRollout) -> PendingRollout | None:
         """One RL step; returns the next step's rollout if one-step-off mode started it before training."""
@@ -183,24 +213,27 @@ class Trainer:
 
         # old log-probs of every row (experts included) -> each row's expert baseline
         batch_ref = ray.put(batch)
-        results = ray.get(self.learners.run("compute_logprobs", batch_ref))
+        results = self.on_learners("compute_logprobs", batch_ref, what="old log-probs",
+                                   timeout=c.reliability.logprobs_timeout_s)
         shape = tuple(batch.response_ids.shape)
         attach_expert_logprobs(batch, gather_rank_rows(results, "logp", shape))
         entropy = gather_rank_rows(results, "entropy", shape)
         t_logp = time.time()
 
-        train = ray.get(self.learners.run("train_step", ray.put(batch), loss_name=a.name,
-                                          loss_kwargs=self.loss_kwargs(),
-                                          mini_batches=c.trainer.prompts_per_step
-                                          // c.learner.mini_batch_prompts,
-                                          epochs=c.learner.ppo_epochs))
+        train = self.on_learners("train_step", ray.put(batch), loss_name=a.name,
+                                 loss_kwargs=self.loss_kwargs(),
+                                 mini_batches=c.trainer.prompts_per_step // c.learner.mini_batch_prompts,
+                                 epochs=c.learner.ppo_epochs, what="the update",
+                                 timeout=c.reliability.train_timeout_s)
         t_train = time.time()
         # staleness against the weights that just trained
         metrics |= batch_metrics(batch, entropy, version=self.version)
         self.version += 1
         metrics |= self.sync_weights()  # the next rollout reads them
+        metrics["faults/engine_recoveries"] = float(self.engine_recoveries)
 
         metrics |= reduce_rank_metrics(train)
+        self.check_nonfinite(metrics)
         metrics |= gradient_shares(metrics)
         self.log_rollouts(batch)
         metrics |= {"time/rollout_s": t_rollout - t0,
@@ -226,18 +259,88 @@ class Trainer:
                                 responses=[],
                                 verdicts=[], experts=experts[ex.id], images=list(ex.images)))
         batch, _ = stage.assemble()
-        train = ray.get(self.learners.run("train_step", ray.put(batch), loss_name=loss_name,
-                                          loss_kwargs={"agg": self.cfg.algorithm.loss_agg}))
+        train = self.on_learners("train_step", ray.put(batch), loss_name=loss_name,
+                                 loss_kwargs={"agg": self.cfg.algorithm.loss_agg}, what="an SFT update",
+                                 timeout=self.cfg.reliability.train_timeout_s)
         self.version += 1  # pushed to the engines when a rollout or an evaluation next reads them
         return reduce_rank_metrics(train)
 
     def sync_weights(self) -> dict[str, float]:
-        """Push the learners' weights to every rollout engine unless they already serve them."""
+        """Push the learners' weights to every rollout engine unless they already serve them. A push
+        that fails (an engine died, or the push passed `reliability.sync_timeout_s`) recovers the
+        engines, which pushes again; a learner lost meanwhile stops the run."""
         if self.synced_version == self.version:
             return {}
-        sync = self.weight_sync.push(self.version)
+        try:
+            sync = self.weight_sync.push(self.version, timeout=self.cfg.reliability.sync_timeout_s)
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            self.check_learners("the weight push")
+            self.progress.line(f"[calibrl] step {self.step}: the weight push failed ({type(e).__name__}); "
+                               "recovering the rollout engines")
+            t0 = time.time()
+            self.recover_engines()
+            return {"time/sync_s": time.time() - t0}
         self.synced_version = self.version
         return sync
+
+    def recover_engines(self) -> None:
+        """Wait until every rollout engine answers (Ray restarts a dead one with the initial weights),
+        rebuild the transfer group and push the learners' current weights to all of them."""
+        r = self.cfg.reliability
+        deadline = time.time() + r.restart_timeout_s
+        for i, worker in enumerate(self.rollout):
+            while True:
+                try:
+                    ray.get(worker.info.remote(), timeout=max(1.0, deadline - time.time()))
+                    break
+                except ray.exceptions.ActorUnavailableError:  # restarting: ask again
+                    if time.time() > deadline:
+                        raise RunStopped(self.lost_engine_message(i, "it is still restarting"))
+                    time.sleep(1.0)
+                except (ray.exceptions.RayError, TimeoutError) as e:
+                    raise RunStopped(self.lost_engine_message(i, type(e).__name__)) from None
+        self.weight_sync.reconnect(timeout=r.sync_timeout_s)
+        self.weight_sync.push(self.version, timeout=r.sync_timeout_s)
+        self.synced_version = self.version
+        self.engine_recoveries += 1
+        self.progress.line(f"[calibrl] step {self.step}: every rollout engine serves weights version "
+                           f"{self.version} again")
+
+    def lost_engine_message(self, index: int, why: str) -> str:
+        timeout = self.cfg.reliability.restart_timeout_s
+        return (f"step {self.step}: rollout-{index} did not come back within {timeout:.0f} s "
+                f"(reliability.restart_timeout_s) after it was lost ({why}); {self.resume_hint()}")
+
+    def on_learners(self, method: str, *args, what: str, timeout: float | None = None, **kwargs) -> list:
+        """Call `method` on every learner rank and wait, at most `timeout` seconds; a rank that dies or
+        a call past its deadline stops the run naming the rank and what it was doing (ZeRO cannot go
+        on without a rank: resume from the last checkpoint)."""
+        refs = self.learners.run(method, *args, **kwargs)
+        rank_of = {ref: rank for rank, ref in enumerate(refs)}
+        deadline = time.time() + timeout if timeout else None
+        waiting = list(refs)
+        while waiting:
+            left = None if deadline is None else max(0.0, deadline - time.time())
+            ready, waiting = ray.wait(waiting, num_returns=1, timeout=left)
+            if not ready:
+                ranks = ", ".join(f"learner-{rank_of[ref]}" for ref in waiting)
+                raise RunStopped(f"step {self.step}: {ranks} did not finish {what} within {timeout:.0f} s "
+                                 f"(reliability deadline); {self.resume_hint()}")
+            try:
+                ray.get(ready[0])
+            except ray.exceptions.RayActorError as e:
+                raise RunStopped(f"step {self.step}: learner-{rank_of[ready[0]]} died during {what} "
+                                 f"({type(e).__name__}); {self.resume_hint()}") from None
+        return ray.get(refs)
+
+    def check_learners(self, what: str) -> None:
+        """Stop the run naming any learner rank that no longer answers."""
+        self.on_learners("barrier", what=f"a liveness check after {what}", timeout=60.0)
+
+    def resume_hint(self) -> str:
+        last = ckpt.resolve_resume("auto", self.out)
+        where = f"the last checkpoint is {last}" if last else "no checkpoint was written yet"
+        return f"{where}; continue with trainer.resume=auto"
 
     def start_rollout(self, step: int) -> PendingRollout:
         self.sync_weights()
@@ -252,6 +355,20 @@ class Trainer:
             raise RuntimeError(f"step {self.step}: rollout engines disagree on their weights: "
                                + ", ".join(f"{k} serves version {v}" for k, v in wrong.items())
                                + f", expected version {self.synced_version} everywhere")
+
+    def check_nonfinite(self, metrics: dict) -> None:
+        """Non-finite updates (not applied) are reported; `reliability.max_nonfinite_updates` in a row
+        stop the run."""
+        skipped = int(metrics.get("train/nonfinite_updates", 0))
+        if skipped:
+            self.progress.line(f"[calibrl] step {self.step}: {skipped} update(s) not applied: "
+                               "non-finite loss or gradient")
+        self.nonfinite = nonfinite_streak(self.nonfinite, metrics)
+        limit = self.cfg.reliability.max_nonfinite_updates
+        if self.nonfinite >= limit:
+            raise RunStopped(f"step {self.step}: {self.nonfinite} updates in a row had a non-finite loss or "
+                             f"gradient (reliability.max_nonfinite_updates={limit}); none was applied. "
+                             f"{self.resume_hint()}")
 
     def check_staleness(self, batch) -> None:
         """No trained sample may come from weights more than `trainer.max_staleness` versions behind
@@ -346,7 +463,8 @@ class Trainer:
                 stage.add(Group(prompt_id=e.id, prompt_token_ids=self.prompt_ids(prompt), answer=e.answer,
                                 responses=[], verdicts=[], experts=[expert], images=list(prompt.images)))
             batch, _ = stage.assemble()
-            results = ray.get(self.learners.run("compute_logprobs", ray.put(batch)))
+            results = self.on_learners("compute_logprobs", ray.put(batch), what="prompt-dependence log-probs",
+                                       timeout=self.cfg.reliability.logprobs_timeout_s)
             logp = gather_rank_rows(results, "logp", tuple(batch.response_ids.shape))
             totals.append(float(logp[batch.response_mask].sum()))
         return (totals[0] - totals[1]) / sum(len(x.token_ids) for x in experts)
@@ -364,7 +482,7 @@ class Trainer:
 
     def save(self) -> str:
         tmp = ckpt.begin(self.out, self.step)
-        ray.get(self.learners.run("save_checkpoint", os.path.join(tmp, "learner")))
+        self.on_learners("save_checkpoint", os.path.join(tmp, "learner"), what="a checkpoint")
         state = {"step": self.step, "sft_step": self.sft_step, "version": self.version,
                  "sampler": self.pending.sampler_state if self.pending else self.sampler.state_dict(),
                  "sft_sampler": self.sft_sampler.state_dict(),
@@ -376,7 +494,7 @@ class Trainer:
 
     def restore(self, path: str) -> None:
         state = ckpt.load_state(path)
-        ray.get(self.learners.run("load_checkpoint", os.path.join(path, "learner")))
+        self.on_learners("load_checkpoint", os.path.join(path, "learner"), what="loading a checkpoint")
         self.step, self.sft_step, self.version = state["step"], state["sft_step"], state["version"]
         self.sampler.load_state_dict(state["sampler"])
         self.sft_sampler.load_state_dict(state["sft_sampler"])
@@ -401,10 +519,15 @@ class Trainer:
 
 
 def train(cfg: Config) -> dict:
+    """Run `cfg` to `trainer.total_steps`; SIGTERM or Ctrl-C stop it at the next step boundary with a
+    checkpoint (exit status 0), from which `trainer.resume=auto` continues."""
     connect_ray(cfg.trainer.ray_address, num_cpus=max(os.cpu_count() or 1, needed_cpus(cfg)),
                 quiet=cfg.trainer.log_level != "debug")
     trainer = Trainer(cfg)
+    previous = {sig: signal.signal(sig, trainer.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return trainer.fit()
     finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         trainer.shutdown()

@@ -14,7 +14,8 @@ from torch import Tensor
 
 from calibrl.algo.batch import TrainBatch
 
-MAX_OVER_RANKS = ("train/lr", "train/grad_norm", "train/update_norm", "train/skipped_update")
+MAX_OVER_RANKS = ("train/lr", "train/grad_norm", "train/update_norm", "train/skipped_updates",
+                  "train/nonfinite_updates", "train/nonfinite_trailing", "train/updates_applied")
 
 
 def stage_metrics(stage: dict[str, float]) -> dict[str, float]:
@@ -52,6 +53,14 @@ def batch_metrics(batch: TrainBatch, entropy: Tensor, *, version: int) -> dict[s
             "adv/nonzero_frac": mean(nonzero),
             "weights/staleness_max": float(staleness.max()) if staleness.numel() else 0.0,
             "weights/staleness_mean": mean(staleness)}
+
+
+def nonfinite_streak(streak: int, metrics: dict[str, float]) -> int:
+    """Updates in a row skipped for a non-finite loss or gradient, after a step's learner metrics:
+    a step that applied an update ends the old streak (only its own trailing skips count)."""
+    if metrics.get("train/updates_applied", 0) > 0:
+        return int(metrics.get("train/nonfinite_trailing", 0))
+    return streak + int(metrics.get("train/nonfinite_updates", 0))
 
 
 def reduce_rank_metrics(per_rank: list[dict[str, float]]) -> dict[str, float]:
