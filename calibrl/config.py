@@ -274,15 +274,81 @@ class ConfigError(ValueError):
         super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
 
 
+def check_paths(cfg: Config) -> None:
+    """Raise `ConfigError` naming every input that is not where the config says: the model directory
+    (with its config.json and weights) and the data files. Run before anything starts."""
+    m, d = cfg.model, cfg.data
+    problems = []
+    if not os.path.isdir(m.path):
+        problems.append(f"model.path={m.path!r}: no such directory (a local model directory; nothing is "
+                        "downloaded)")
+    elif not os.path.isfile(os.path.join(m.path, "config.json")):
+        problems.append(f"model.path={m.path!r}: no config.json there (not a transformers model directory)")
+    elif not any(n.endswith((".safetensors", ".bin")) for n in os.listdir(m.path)):
+        problems.append(f"model.path={m.path!r}: no weights there (*.safetensors or *.bin)")
+    for key, files in (("data.train_files", d.train_files), ("data.val_files", d.val_files)):
+        problems += [f"{key}[{i}]={f!r}: no such file" for i, f in enumerate(files) if not os.path.isfile(f)]
+    if problems:
+        raise ConfigError(problems)
+
+
 def load_config(yaml_paths: str | list[str] | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- YAML file(s), in order <- `key=value` overrides; returns a typed `Config` (not
-    validated)."""
+    validated). A missing or broken file, an unknown key or a value of the wrong type raises one
+    `ConfigError` naming the file or override and the key (with a did-you-mean for keys)."""
     merged = OmegaConf.structured(Config)
     for path in [yaml_paths] if isinstance(yaml_paths, str) else (yaml_paths or []):
-        merged = OmegaConf.merge(merged, OmegaConf.load(path))
-    if overrides:
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = _merge(merged, _load_yaml(path), f"in {path}")
+    for item in overrides or []:
+        merged = _merge(merged, OmegaConf.from_dotlist([item]), f"in the override {item!r}")
     return OmegaConf.to_object(merged)
+
+
+def _load_yaml(path: str):
+    import yaml
+
+    if not os.path.isfile(path):
+        raise ConfigError([f"{path}: no such config file"])
+    try:
+        loaded = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError([f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}"]) from None
+    if not OmegaConf.is_dict(loaded):
+        raise ConfigError([f"{path}: expected a mapping of sections (model:, data:, ...) at the top"])
+    return loaded
+
+
+def config_keys(cls=None, prefix: str = "") -> list[str]:
+    """Every settable key, dotted (`learner.lr`, ...)."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(cls or Config):
+        if dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING
+                                    else None):
+            out += config_keys(f.default_factory, f"{prefix}{f.name}.")
+        else:
+            out.append(prefix + f.name)
+    return out
+
+
+def _merge(base, layer, source: str):
+    import difflib
+
+    from omegaconf.errors import ConfigKeyError, ValidationError
+
+    try:
+        return OmegaConf.merge(base, layer)
+    except ConfigKeyError as e:
+        key = e.full_key or "?"
+        close = difflib.get_close_matches(key, config_keys(), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError([f"unknown key {key} ({source}){hint}"]) from None
+    except ValidationError as e:
+        what = (e.msg or str(e)).splitlines()[0]
+        raise ConfigError([f"{e.full_key or 'a section'}: {what} ({source})"]) from None
 
 
 def split_config_args(args: list[str]) -> tuple[list[str], list[str]]:

@@ -11,6 +11,10 @@
 
 `--verbose` (train, compare, demo) puts every process's output on the console, as
 `trainer.log_level=debug` does; by default third-party output goes to RUN_DIR/logs/.
+
+Bad input (a config key, value or file; a model directory; a data file or row) ends in one message
+naming it and exit status 2; a run that cannot go on (a lost learner, ...) in one message and exit
+status 1. `--debug` (or CALIBRL_DEBUG=1) shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -158,9 +162,21 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         raise SystemExit(2 if argv and argv[0] not in ("-h", "--help") else 0)
     command, rest = argv[0], argv[1:]
+    debug = "--debug" in rest or os.environ.get("CALIBRL_DEBUG") == "1"
+    rest = [a for a in rest if a != "--debug"]
     if "--verbose" in rest and command in ("train", "submit", "compare", "demo"):
         rest = [a for a in rest if a != "--verbose"] + ["trainer.log_level=debug"]
-    COMMANDS[command](rest)
+    from calibrl.config import ConfigError
+    from calibrl.data.errors import DataError
+    from launch.errors import RunStopped
+
+    try:
+        COMMANDS[command](rest)
+    except (ConfigError, DataError, RunStopped) as e:
+        if debug:
+            raise
+        print(f"calibrl {command}: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(1 if isinstance(e, RunStopped) else 2) from None
 
 
 if __name__ == "__main__":

@@ -44,12 +44,13 @@ from calibrl.algo.metrics import (
     paired_gain,
     reduce_rank_metrics,
 )
-from calibrl.config import Config, to_yaml, validate
+from calibrl.config import Config, check_paths, to_yaml, validate
 from calibrl.data import PromptSampler, load_examples
 from calibrl.data.schema import Example
 from calibrl.inputs import prompt_token_ids, response_token_ids
 from launch import checkpoint as ckpt
 from launch.cluster import connect_ray, needed_cpus
+from launch.errors import RunStopped
 from launch.evaluate import evaluate
 from launch.metrics import MetricsLogger, read_metrics
 from launch.progress import Progress
@@ -62,14 +63,12 @@ PROGRESS_KEYS = {"reward": "reward/mean", "acc": "acc/mean", "entropy": "policy/
 """What the RL progress bar shows: label -> metric."""
 
 
-class RunStopped(RuntimeError):
-    """The run cannot go on (a learner rank lost, an engine that does not come back); the message says
-    what happened and how to continue."""
-
-
 class Trainer:
     def __init__(self, cfg: Config):
+        """Checks the config, the model directory and the data (every bad input is named before
+        anything starts), then joins or starts Ray and starts the run's actors."""
         self.cfg = validate(cfg)
+        check_paths(cfg)
         c = cfg
         self.out = c.trainer.output_dir
         os.makedirs(self.out, exist_ok=True)
@@ -103,6 +102,8 @@ class Trainer:
             ckpt.restore_expert_additions(self.resume_from, self.experts_dir)
 
         # actors, named for the Ray dashboard; every role is built from the config the same way
+        connect_ray(c.trainer.ray_address, num_cpus=max(os.cpu_count() or 1, needed_cpus(c)),
+                    quiet=c.trainer.log_level != "debug")
         self.rollout = RolloutWorker.from_config(c)
         self.verifiers = VerifierPool.from_config(c)
         self.experts = ExpertStore.from_config(c)
@@ -521,8 +522,6 @@ class Trainer:
 def train(cfg: Config) -> dict:
     """Run `cfg` to `trainer.total_steps`; SIGTERM or Ctrl-C stop it at the next step boundary with a
     checkpoint (exit status 0), from which `trainer.resume=auto` continues."""
-    connect_ray(cfg.trainer.ray_address, num_cpus=max(os.cpu_count() or 1, needed_cpus(cfg)),
-                quiet=cfg.trainer.log_level != "debug")
     trainer = Trainer(cfg)
     previous = {sig: signal.signal(sig, trainer.request_stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:

@@ -17,6 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from calibrl.data.errors import BadRow, DataError
@@ -105,6 +106,17 @@ class ReadReport:
 # Public reading API
 
 
+def open_parquet(path: str) -> pq.ParquetFile:
+    """The file as a ParquetFile, or a DataError naming it (missing, unreadable, not parquet)."""
+    if not os.path.exists(path):
+        raise DataError(path, None, "(file)", "no such file", reason="missing")
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(path, None, "(file)", f"not a readable parquet file ({e})",
+                        reason="unreadable") from None
+
+
 def _iter_rows(path, *, expert_key: str, max_images: int | None, max_prompt_length: int | None,
                on_bad_row: str, batch_rows: int, prompt_length,
                report: ReadReport | None) -> Iterator[tuple[int, Example]]:
@@ -114,7 +126,7 @@ def _iter_rows(path, *, expert_key: str, max_images: int | None, max_prompt_leng
         raise ValueError(f"batch_rows={batch_rows} must be >= 1")
     path = os.fspath(path)
     stem = os.path.splitext(os.path.basename(path))[0]
-    parquet = pq.ParquetFile(path)
+    parquet = open_parquet(path)
     layout = detect_layout(path, parquet.schema_arrow, expert_key)
     file_report = FileReport(path=path, format=layout.format)
     if report is not None:

@@ -18,8 +18,9 @@ from omegaconf import OmegaConf
 from calibrl.config import load_config
 from calibrl.data.synthetic import write_splits
 from launch import checkpoint as ckpt
+from launch.errors import RunStopped
 from launch.metrics import read_metrics
-from launch.train import RunStopped, Trainer
+from launch.train import Trainer
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,6 @@
+"""The driver's user-facing errors (no heavy imports: the command line catches them)."""
+
+
+class RunStopped(RuntimeError):
+    """The run cannot go on (a learner rank lost, an engine that does not come back, non-finite updates
+    in a row); the message says what happened and how to continue."""
