@@ -253,6 +253,14 @@ class ExpertStore:
                            expert_key=cfg.data.expert_key, choice=cfg.algorithm.expert_choice,
                            seed=cfg.trainer.seed, max_cached=max_cached, log_dir=actor_log_dir(cfg))
 
+    def rng_state(self) -> dict:
+        """The state of the `random` choice's generator (checkpointed: a resumed run draws what an
+        uninterrupted one would)."""
+        return self.rng.bit_generator.state
+
+    def set_rng_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state
+
     def state(self) -> dict:
         """Counts for metrics: indexed prompts, cache hits/misses/size, row groups read, additions, ..."""
         return dict(self.counts) | {"cached_prompts": len(self._cache),

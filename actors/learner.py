@@ -384,11 +384,15 @@ class Learner:
         self.transfer.send_weights()
 
     def save_checkpoint(self, ckpt_dir: str) -> None:
-        """DeepSpeed's own state (model, optimizer, scheduler) plus an HF `save_pretrained` export
-        under ckpt_dir/hf that transformers and vLLM load."""
+        """DeepSpeed's own state (model, optimizer, scheduler), this rank's RNG state, plus an HF
+        `save_pretrained` export (safetensors) under ckpt_dir/hf that transformers and vLLM load."""
         from transformers import AutoTokenizer
 
         self.engine.save_checkpoint(ckpt_dir, tag="deepspeed")
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, os.path.join(ckpt_dir, f"rng_rank{self.rank}.pt"))
         state = self.full_state_dict()
         if self.rank == 0:
             hf_dir = os.path.join(ckpt_dir, "hf")
@@ -398,7 +402,15 @@ class Learner:
                 self.image_processor.save_pretrained(hf_dir)
 
     def load_checkpoint(self, ckpt_dir: str) -> None:
+        """DeepSpeed's state and this rank's RNG state (dropout, sampling inside the learner). DeepSpeed
+        unpickles its files: load only checkpoints calibrl wrote (README, "Security")."""
         self.engine.load_checkpoint(ckpt_dir, tag="deepspeed")
+        path = os.path.join(ckpt_dir, f"rng_rank{self.rank}.pt")
+        if os.path.exists(path):
+            rng = torch.load(path, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
 
     def barrier(self) -> int:
         import torch.distributed as dist

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 
@@ -117,6 +118,9 @@ def cmd_demo(argv: list[str]) -> None:
     print("[demo] building the tiny vision-language model and the synthetic task (local, seeded)", flush=True)
     make_demo_data()
     cfg = load_config([DEMO_CONFIG], split_config_args(argv)[1])
+    if cfg.trainer.resume == "never" and os.path.isdir(cfg.trainer.output_dir):
+        # the demo is one fixed recipe: each `make demo` is a fresh run in a clean directory
+        shutil.rmtree(cfg.trainer.output_dir)
     print(f"[demo] training: {cfg.trainer.sft_warmup_steps} SFT warm-up steps, then "
           f"{cfg.trainer.total_steps} "
           f"CalibRL steps; metrics in {cfg.trainer.output_dir} (TensorBoard: tensorboard --logdir "

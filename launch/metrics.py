@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shutil
 import time
 
 
@@ -21,7 +22,8 @@ class MetricsLogger:
         self.start = time.time()
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(os.path.join(output_dir, "tensorboard"))
+        self.tb_dir = os.path.join(output_dir, "tensorboard")
+        self.tb = SummaryWriter(self.tb_dir)
         self.gauges = {}
         self.run_name = run_name or os.path.basename(os.path.abspath(output_dir))
         if ray_metrics:
@@ -33,23 +35,36 @@ class MetricsLogger:
 
     def truncate_after(self, step: int, sft_step: int) -> None:
         """Drop records written after the checkpoint being resumed (RL step > `step`, SFT step >
-        `sft_step`)."""
+        `sft_step`), from the JSONL files and from TensorBoard (its events are rewritten from the
+        kept records)."""
         for path in (self.path, os.path.join(os.path.dirname(self.path), "rollouts.jsonl")):
             truncate_jsonl(path, lambda r: r["step"] <= (sft_step if r.get("kind") == "sft" else step))
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb.close()
+        shutil.rmtree(self.tb_dir, ignore_errors=True)
+        self.tb = SummaryWriter(self.tb_dir)
+        if os.path.exists(self.path):
+            for record in read_metrics(os.path.dirname(self.path)):
+                self._tensorboard(record)
+        self.tb.flush()
 
     def log(self, step: int, metrics: dict[str, float], *, kind: str = "train") -> None:
         record = {"step": step, "kind": kind, "time_s": round(time.time() - self.start, 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        for k, v in record.items():
-            if isinstance(v, (int, float)) and k not in ("step",) and math.isfinite(v):
-                self.tb.add_scalar(k, v, step)
+        self._tensorboard(record)
         self.tb.flush()
         if self._gauge_cls is not None:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                     self._gauge(k).set(float(v), tags={"run": self.run_name, "kind": kind})
+
+    def _tensorboard(self, record: dict) -> None:
+        for k, v in record.items():
+            if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                self.tb.add_scalar(k, v, record["step"])
 
     def _gauge(self, key: str):
         """The Ray gauge of metric `key`: `calibrl_` + the key with every other character than

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -44,7 +45,7 @@ from calibrl.algo.metrics import (
     paired_gain,
     reduce_rank_metrics,
 )
-from calibrl.config import Config, check_paths, to_yaml, validate
+from calibrl.config import Config, ConfigError, check_paths, to_yaml, validate
 from calibrl.data import PromptSampler, load_examples
 from calibrl.data.schema import Example
 from calibrl.inputs import prompt_token_ids, response_token_ids
@@ -58,6 +59,8 @@ from launch.rollout_stream import PendingRollout, RolloutStream, step_seed
 
 PROMPT_DEPENDENCE_PROMPTS = 64
 """Held-out prompts `val/prompt_dependence` is measured on at each evaluation."""
+RUN_FILES = ("metrics.jsonl", "rollouts.jsonl", "tensorboard", "checkpoints", "experts")
+"""What a run writes in its directory (a fresh run refuses to mix with another's)."""
 PROGRESS_KEYS = {"reward": "reward/mean", "acc": "acc/mean", "entropy": "policy/entropy",
                  "calib": "loss/calib"}
 """What the RL progress bar shows: label -> metric."""
@@ -97,6 +100,8 @@ class Trainer:
 
         # resume: restore the expert additions before the store starts
         self.resume_from = ckpt.resolve_resume(c.trainer.resume, self.out)
+        if not self.resume_from:
+            self.claim_run_dir()
         self.experts_dir = os.path.join(self.out, "experts")
         if self.resume_from:
             ckpt.restore_expert_additions(self.resume_from, self.experts_dir)
@@ -180,6 +185,26 @@ class Trainer:
                            f"({time.time() - self.logger.start:.0f} s); metrics, checkpoints and logs in "
                            f"{self.out}")
         return final
+
+    def claim_run_dir(self) -> None:
+        """A run directory holds one run. Starting afresh where another run left its files: refused
+        under `trainer.resume=never` (nothing is overwritten); under `auto` (no checkpoint to continue
+        from: the earlier run stopped before its first one) its logs are cleared."""
+        left = [n for n in RUN_FILES if os.path.exists(os.path.join(self.out, n))]
+        if not left:
+            return
+        if self.cfg.trainer.resume == "never":
+            raise ConfigError([(f"trainer.output_dir={self.out} already holds a run ({', '.join(left)}); "
+                                "continue it with trainer.resume=auto, or choose another "
+                                "trainer.output_dir")])
+        for name in left:
+            path = os.path.join(self.out, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+        print(f"[calibrl] {self.out} held an earlier run without a checkpoint ({', '.join(left)}): "
+              "starting afresh", file=sys.stderr, flush=True)
 
     def request_stop(self, signum: int, _frame=None) -> None:
         """SIGTERM / SIGINT: finish the step, write a checkpoint, return. A second one stops at once."""
@@ -487,7 +512,7 @@ class Trainer:
         state = {"step": self.step, "sft_step": self.sft_step, "version": self.version,
                  "sampler": self.pending.sampler_state if self.pending else self.sampler.state_dict(),
                  "sft_sampler": self.sft_sampler.state_dict(),
-                 "rng": ckpt.rng_state()}
+                 "rng": ckpt.rng_state(), "expert_rng": ray.get(self.experts.rng_state.remote())}
         path = ckpt.commit(tmp, state=state, config_yaml=to_yaml(self.cfg), experts_dir=self.experts_dir,
                            keep=self.cfg.trainer.keep_checkpoints)
         self.progress.line(f"[calibrl] checkpoint {path}")
@@ -500,6 +525,8 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         self.sft_sampler.load_state_dict(state["sft_sampler"])
         ckpt.set_rng_state(state["rng"])
+        if "expert_rng" in state:
+            ray.get(self.experts.set_rng_state.remote(state["expert_rng"]))
         self.logger.truncate_after(self.step, self.sft_step)
         self.synced_version = -1  # the engines serve the initial weights: push before they next read
         self.progress.line(f"[calibrl] resumed from {path} at step {self.step}")

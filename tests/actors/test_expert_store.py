@@ -88,6 +88,15 @@ def test_random_choice_is_seeded_and_varies(dataset, tiny_models, tmp_path):
         assert len(set(pair)) == 2 and set(pair) <= set(EXPERTS["ex-1"])
     assert len(set(first)) > 1  # not always the same two
 
+    # a checkpointed generator state replays the same draws (resume is exact for `random`)
+    store = ExpertStore(files=dataset, tokenizer_path=tiny_models["tiny-qwen2"], additions_dir=str(tmp_path),
+                        choice="random", seed=5)
+    store.get(["ex-1"], k=2)
+    saved = store.rng_state()
+    later = [tuple(r.text for r in store.get(["ex-1"], k=2)["ex-1"]) for _ in range(10)]
+    store.set_rng_state(saved)
+    assert [tuple(r.text for r in store.get(["ex-1"], k=2)["ex-1"]) for _ in range(10)] == later
+
 
 def test_cache_is_bounded(dataset, tiny_models, tmp_path):
     store = ExpertStore(files=dataset, tokenizer_path=tiny_models["tiny-qwen2"], additions_dir=str(tmp_path),
