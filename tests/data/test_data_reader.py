@@ -4,6 +4,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from data_helpers import good_row, noise_jpeg, png, write_calibrl, write_reference
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from calibrl.data import DataError, ReadReport, iter_examples, load_examples
 
@@ -205,3 +207,37 @@ def test_unknown_policy_is_rejected(tmp_path):
     path = write_calibrl(tmp_path / "x.parquet", [good_row(0)])
     with pytest.raises(ValueError, match="on_bad_row"):
         load_examples([path], on_bad_row="ignore")
+
+
+# ---- property: any row content ends in an Example or a DataError naming its row ------------------
+
+
+ROW = st.fixed_dictionaries({
+    "id": st.one_of(st.none(), st.text(max_size=8)),
+    "prompt": st.one_of(st.none(), st.text(max_size=30), st.sampled_from(["<image>", "<image><image> x"])),
+    "images": st.one_of(st.none(), st.lists(st.one_of(st.binary(max_size=16), st.just(b"")), max_size=2)),
+    "answer": st.one_of(st.none(), st.text(max_size=8)),
+    "experts": st.one_of(st.none(), st.lists(st.one_of(st.none(), st.text(max_size=20)), max_size=3)),
+    "data_source": st.one_of(st.none(), st.text(max_size=5)),
+})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(ROW, min_size=1, max_size=6))
+def test_any_rows_load_or_name_the_bad_row(tmp_path, rows):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from data_helpers import CALIBRL_FILE_SCHEMA
+
+    from calibrl.data import load_examples
+    from calibrl.data.errors import DataError
+
+    path = tmp_path / "rows.parquet"
+    pq.write_table(pa.Table.from_pylist(rows, schema=CALIBRL_FILE_SCHEMA), path)
+    try:
+        examples, _ = load_examples([str(path)], on_bad_row="error")
+        assert len(examples) == len(rows)
+    except DataError as e:
+        assert e.path == str(path) and (e.row is None or 0 <= e.row < len(rows)) and e.field
+    skipped, report = load_examples([str(path)], on_bad_row="skip")  # never raises for a row
+    assert len(skipped) + report.rows_skipped == len(rows)
