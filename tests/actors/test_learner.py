@@ -9,6 +9,7 @@ import torch
 from actors.group import ActorGroup
 from actors.learner import Learner, gather_rank_rows
 from calibrl.algo import CalibrationStage, ExpertTrajectory, Group, Response, Verdict, attach_expert_logprobs
+from calibrl.algo.metrics import nonfinite_streak, reduce_rank_metrics
 from calibrl.inputs import render_chat
 from calibrl.tiny_models import build_tokenizer
 
@@ -118,3 +119,41 @@ def test_zero3_log_probs_with_rows_that_do_not_divide_over_ranks(ray_local, tiny
         ray.get(learners.run("full_state_dict"), timeout=240)  # the export's gather, too
     finally:
         learners.shutdown()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_a_non_finite_update_is_not_applied(ray_local, tiny_models, stage):
+    """A NaN advantage makes the loss and the gradient NaN: DeepSpeed's overflow check skips the step,
+    the weights and Adam's state stay as they were, and the learner counts it; the next finite
+    mini-batch updates as usual."""
+    learners = ActorGroup(Learner, 2, name_prefix=f"learner-nan{stage}", num_cpus_per_actor=0.5,
+                          model_path=tiny_models["tiny-qwen2"], zero_stage=stage, lr=1e-3,
+                          micro_batch_per_device=2)
+    try:
+        batch = fixed_batch()
+        attach_expert_logprobs(batch, old_logprobs(learners, batch))
+        before = ray.get(learners.run("full_state_dict"))[0]
+        poisoned = fixed_batch()
+        attach_expert_logprobs(poisoned, old_logprobs(learners, poisoned))
+        poisoned.advantages[0] = float("nan")
+        m = reduce_rank_metrics(ray.get(learners.run("train_step", poisoned, loss_name="grpo",
+                                                     loss_kwargs=LOSS)))
+        counts = (m["train/nonfinite_updates"], m["train/nonfinite_trailing"], m["train/updates_applied"])
+        assert counts == (1, 1, 0)
+        after = ray.get(learners.run("full_state_dict"))[0]
+        assert all(torch.equal(before[k], after[k]) for k in before)  # nothing moved, nothing NaN
+        m = reduce_rank_metrics(ray.get(learners.run("train_step", batch, loss_name="grpo",
+                                                     loss_kwargs=LOSS)))
+        assert (m["train/nonfinite_updates"], m["train/updates_applied"]) == (0, 1)
+        moved = ray.get(learners.run("full_state_dict"))[0]
+        assert all(torch.isfinite(v).all() for v in moved.values())
+        assert any(not torch.equal(before[k], moved[k]) for k in before)
+    finally:
+        learners.shutdown()
+
+
+def test_nonfinite_streak():
+    assert nonfinite_streak(0, {"train/nonfinite_updates": 2, "train/nonfinite_trailing": 1,
+                                "train/updates_applied": 3}) == 1  # an applied update ended the old streak
+    assert nonfinite_streak(1, {"train/nonfinite_updates": 2, "train/updates_applied": 0}) == 3
+    assert nonfinite_streak(3, {"train/nonfinite_updates": 0, "train/updates_applied": 4}) == 0

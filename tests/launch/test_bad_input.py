@@ -120,3 +120,14 @@ def test_the_command_line_exits_2_fast_without_a_traceback_or_ray(base, tmp_path
     debug = subprocess.run([*command, "--debug"], cwd=ROOT, capture_output=True, text=True, timeout=120,
                            check=False)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_a_fresh_run_into_another_runs_directory_is_refused(base, tmp_path, capsys):
+    """resume=never never mixes two runs' records: the directory is left as it was."""
+    run_dir = tmp_path / "old-run"
+    run_dir.mkdir()
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "kind": "train"}\n')
+    code, err = run_train(tmp_path, base[0], f"trainer.output_dir={run_dir}", "trainer.resume=never",
+                          capsys=capsys)
+    assert code == 2 and f"trainer.output_dir={run_dir} already holds a run (metrics.jsonl)" in err
+    assert (run_dir / "metrics.jsonl").read_text() == '{"step": 1, "kind": "train"}\n'
