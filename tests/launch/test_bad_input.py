@@ -25,7 +25,8 @@ def base(tmp_path_factory, tiny_models):
     write_splits(str(d), n_train=4, n_val=2, n_test=2, seed=0, multimodal=False, difficulty=(1,))
     cfg = {"model": {"path": tiny_models["tiny-qwen2"], "max_model_len": 512},
            "data": {"train_files": [f"{d}/train.parquet"], "val_files": [f"{d}/val.parquet"],
-                    "max_prompt_length": 256},
+                    "max_prompt_length": 400},
+           "rollout": {"max_response_length": 64},
            "trainer": {"output_dir": str(d / "run"), "total_steps": 1}}
     return cfg, d
 
