@@ -375,7 +375,15 @@ class Trainer:
 
     def check_engine_versions(self) -> None:
         """Every engine must serve the weights last pushed before a step samples from them."""
-        versions = [info["weights_version"] for info in ray.get([w.info.remote() for w in self.rollout])]
+        try:
+            infos = ray.get([w.info.remote() for w in self.rollout],
+                            timeout=self.cfg.reliability.sync_timeout_s)
+        except (ray.exceptions.RayError, TimeoutError) as e:  # an engine was lost between steps
+            self.progress.line(f"[calibrl] step {self.step}: a rollout engine does not answer "
+                               f"({type(e).__name__}); recovering the rollout engines")
+            self.recover_engines()
+            infos = ray.get([w.info.remote() for w in self.rollout])
+        versions = [info["weights_version"] for info in infos]
         wrong = {f"rollout-{i}": v for i, v in enumerate(versions) if v != self.synced_version}
         if wrong:
             raise RuntimeError(f"step {self.step}: rollout engines disagree on their weights: "
