@@ -255,15 +255,17 @@ class VerifierPool:
         """Kill worker `index` (hung); Ray starts it again under the same name."""
         ray.kill(self.workers[index], no_restart=False)
 
-    def score(self, responses: Sequence[str], answers: Sequence[str]) -> tuple[list[Verdict], dict]:
-        """Verdicts for responses[i] against answers[i], in order, and the merged metrics."""
+    def score(self, responses: Sequence[str], answers: Sequence[str],
+              timeout: float | None = None) -> tuple[list[Verdict], dict]:
+        """Verdicts for responses[i] against answers[i], in order, and the merged metrics (at most
+        `timeout` seconds: Ray's GetTimeoutError)."""
         if len(responses) != len(answers):
             raise ValueError(f"{len(responses)} responses but {len(answers)} answers")
         pairs = list(zip(responses, answers))
         chunk = -(-len(pairs) // len(self.workers)) or 1
         refs = [w.score.remote(pairs[i * chunk:(i + 1) * chunk]) for i, w in enumerate(self.workers)
                 if pairs[i * chunk:(i + 1) * chunk]]
-        results = ray.get(refs)
+        results = ray.get(refs, timeout=timeout)
         verdicts = [v for part, _ in results for v in part]
         return verdicts, merge_metrics([m for _, m in results])
 

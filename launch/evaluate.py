@@ -20,9 +20,10 @@ CHUNK_PROMPTS = 32
 
 
 def _generate(workers: list, examples: list[Example], sampling: SamplingSpec, seed: int,
-              on_progress: Callable[[int], None] | None = None) -> list:
+              on_progress: Callable[[int], None] | None = None, timeout: float | None = None) -> list:
     """Results in example order; chunks of the examples go to the workers round robin, and
-    `on_progress(prompts)` is called as each chunk completes."""
+    `on_progress(prompts)` is called as each chunk completes. No chunk in `timeout` seconds:
+    TimeoutError."""
     refs, sizes = [], {}
     for k, start in enumerate(range(0, len(examples), CHUNK_PROMPTS)):
         reqs = [RolloutRequest(prompt_id=e.id, prompt=e.prompt, images=list(e.images), seed=seed + start + j)
@@ -31,28 +32,31 @@ def _generate(workers: list, examples: list[Example], sampling: SamplingSpec, se
         sizes[refs[-1]] = len(reqs)
     pending = list(refs)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+        if not done:
+            raise TimeoutError(f"no rollout engine returned an evaluation chunk within {timeout:.0f} s")
         if on_progress:
             on_progress(sizes[done[0]])
     return [r for part in ray.get(refs) for r in part]
 
 
 def evaluate(workers: list, verifiers, examples: list[Example], *, pass_k: int, temperature: float,
-             max_tokens: int, seed: int = 0, on_progress: Callable[[int], None] | None = None
-             ) -> tuple[dict[str, float], dict[str, str]]:
+             max_tokens: int, seed: int = 0, on_progress: Callable[[int], None] | None = None,
+             timeout: float | None = None) -> tuple[dict[str, float], dict[str, str]]:
     """(metrics, {prompt id: (greedy response text, its accuracy)}). `on_progress(prompts)` counts
-    the prompts generated (greedy, then sampled: 2 x len(examples) in all when pass_k > 0)."""
+    the prompts generated (greedy, then sampled: 2 x len(examples) in all when pass_k > 0). Each wait
+    on an engine or on the verifiers is bounded by `timeout` (TimeoutError)."""
     if not examples:
         return {}, {}
     greedy = _generate(workers, examples, SamplingSpec(n=1, temperature=0.0, max_tokens=max_tokens), seed,
-                       on_progress)
+                       on_progress, timeout)
     sampled = (_generate(workers, examples,
                          SamplingSpec(n=pass_k, temperature=temperature, max_tokens=max_tokens),
-                         seed + 7919, on_progress) if pass_k > 0 else [])
+                         seed + 7919, on_progress, timeout) if pass_k > 0 else [])
     texts = [r.samples[0].text for r in greedy] + [s.text for r in sampled for s in r.samples]
     answers = ([e.answer for e in examples]
                + [e.answer for e in examples for _ in range(pass_k if sampled else 0)])
-    verdicts, _ = verifiers.score(texts, answers)
+    verdicts, _ = verifiers.score(texts, answers, timeout=timeout)
     n = len(examples)
     greedy_v, sampled_v = verdicts[:n], verdicts[n:]
 

@@ -230,6 +230,20 @@ class RolloutStream:
         job.verifier, job.started = index, time.time()
         pending.verdicts[ref] = job
 
+    def fetch_experts(self, ref, prompt_ids: list[str]) -> dict:
+        """The expert store's answer to `ref` (a `get` of `prompt_ids`). A store that died is restarted
+        by Ray, which retries the call; one that hangs past `reliability.verify_timeout_s` is killed
+        (Ray restarts it) and asked again."""
+        r = self.cfg.reliability
+        try:
+            return ray.get(ref, timeout=r.verify_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.notify(f"[calibrl] the expert store gave no answer in {r.verify_timeout_s:.0f} s "
+                        "(reliability.verify_timeout_s); restarting it")
+            ray.kill(self.experts, no_restart=False)
+            return ray.get(self.experts.get.remote(prompt_ids, self.cfg.algorithm.experts_per_group),
+                           timeout=r.restart_timeout_s)
+
     def _add_groups(self, pending: PendingRollout, verdict_ref) -> None:
         """A chunk's verdicts arrived: add its groups, with their experts, to the stage."""
         job = pending.verdicts.pop(verdict_ref)
@@ -238,7 +252,7 @@ class RolloutStream:
         except ray.exceptions.RayActorError as e:
             self._verifier_lost(pending, job, f"died ({type(e).__name__})")
             return
-        experts = ray.get(job.experts_ref)
+        experts = self.fetch_experts(job.experts_ref, [ex.id for ex in job.examples])
         pending.verify_timeouts += verify_metrics["timeouts"]
         pending.verify_errors += verify_metrics["errors"]
         pending.verify_s += verify_metrics["seconds"]

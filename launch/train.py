@@ -275,8 +275,9 @@ class Trainer:
     def sft_update(self, loss_name: str) -> dict:
         """One cross-entropy update on the expert trajectories of `trainer.sft_batch_prompts` prompts."""
         examples = self.sft_sampler.next_batch()
-        experts = ray.get(self.experts.get.remote([e.id for e in examples],
-                                                  self.cfg.algorithm.experts_per_group))
+        ids = [e.id for e in examples]
+        ref = self.experts.get.remote(ids, self.cfg.algorithm.experts_per_group)
+        experts = self.stream.fetch_experts(ref, ids)
         stage = CalibrationStage(pad_token_id=self.tokenizer.pad_token_id, mixup="always",
                                  experts_per_group=self.cfg.algorithm.experts_per_group)
         for ex in examples:
@@ -341,12 +342,13 @@ class Trainer:
         """Call `method` on every learner rank and wait, at most `timeout` seconds; a rank that dies or
         a call past its deadline stops the run naming the rank and what it was doing (ZeRO cannot go
         on without a rank: resume from the last checkpoint)."""
+        timeout = timeout or self.cfg.reliability.train_timeout_s
         refs = self.learners.run(method, *args, **kwargs)
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
-        deadline = time.time() + timeout if timeout else None
+        deadline = time.time() + timeout
         waiting = list(refs)
         while waiting:
-            left = None if deadline is None else max(0.0, deadline - time.time())
+            left = max(0.0, deadline - time.time())
             ready, waiting = ray.wait(waiting, num_returns=1, timeout=left)
             if not ready:
                 ranks = ", ".join(f"learner-{rank_of[ref]}" for ref in waiting)
@@ -458,10 +460,20 @@ class Trainer:
         bar = self.progress.task("eval", sum(map(len, sets.values())) * (2 if t.eval_pass_k else 1), "prompt")
         for path, examples in sets.items():
             name = os.path.splitext(os.path.basename(path))[0]
-            res, texts = evaluate(self.rollout, self.verifiers, examples,
-                                  pass_k=t.eval_pass_k, temperature=self.cfg.rollout.temperature,
-                                  max_tokens=self.cfg.rollout.max_response_length,
-                                  seed=step_seed(t.seed, self.step), on_progress=bar.update)
+            kwargs = {"pass_k": t.eval_pass_k, "temperature": self.cfg.rollout.temperature,
+                      "max_tokens": self.cfg.rollout.max_response_length,
+                      "seed": step_seed(t.seed, self.step), "on_progress": bar.update,
+                      "timeout": self.cfg.reliability.rollout_timeout_s}
+            try:
+                res, texts = evaluate(self.rollout, self.verifiers, examples, **kwargs)
+            except (ray.exceptions.RayActorError, TimeoutError) as e:
+                # an engine or a verifier lost or hung mid-evaluation: restart them all, evaluate again
+                self.progress.line(f"[calibrl] evaluation lost an actor ({type(e).__name__}); restarting "
+                                   "the rollout engines and verifiers and evaluating again")
+                for actor in [*self.rollout, *self.verifiers.workers]:
+                    ray.kill(actor, no_restart=False)
+                self.recover_engines()
+                res, texts = evaluate(self.rollout, self.verifiers, examples, **kwargs)
             prefix = "val" if len(self.val_sets) == 1 else f"val/{name}"
             out |= {k.replace("val", prefix, 1): v for k, v in res.items()}
             greedy |= {f"{path}:{k}": v for k, v in texts.items()}
