@@ -6,6 +6,7 @@
     calibrl compare CONFIG.yaml [...] --variants calibrl,grpo --seeds 0,1,2 [--out DIR]
                                                                   methods x seeds from a shared SFT start
     calibrl report RUN_DIR                                        PNG plots + summary.md
+    calibrl plan CONFIG.yaml [...] --cluster FILE|ray              placement and memory per GPU, or why not
     calibrl make-demo-data OUT_DIR                                tiny local models + synthetic parquet splits
     calibrl demo [key=value ...]                                  the CPU demo: data, CalibRL training, report
 
@@ -152,12 +153,18 @@ def cmd_compare(argv: list[str]) -> None:
     main(argv)
 
 
+def cmd_plan(argv: list[str]) -> None:
+    from launch.plan import main
+
+    main(argv)
+
+
 def cmd_make_demo_data(argv: list[str]) -> None:
     print(json.dumps(make_demo_data(*(argv[:1] or [DEMO_ROOT])), indent=2))
 
 
 COMMANDS = {"train": cmd_train, "submit": cmd_submit, "compare": cmd_compare, "eval": cmd_eval,
-            "report": cmd_report, "demo": cmd_demo, "make-demo-data": cmd_make_demo_data}
+            "report": cmd_report, "demo": cmd_demo, "plan": cmd_plan, "make-demo-data": cmd_make_demo_data}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,11 +179,11 @@ def main(argv: list[str] | None = None) -> None:
         rest = [a for a in rest if a != "--verbose"] + ["trainer.log_level=debug"]
     from calibrl.config import ConfigError
     from calibrl.data.errors import DataError
-    from launch.errors import RunStopped
+    from launch.errors import PlanError, RunStopped
 
     try:
         COMMANDS[command](rest)
-    except (ConfigError, DataError, RunStopped) as e:
+    except (ConfigError, DataError, PlanError, RunStopped) as e:
         if debug:
             raise
         print(f"calibrl {command}: {e}", file=sys.stderr, flush=True)
