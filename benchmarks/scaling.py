@@ -39,7 +39,7 @@ def run(model: str, data: dict, out: str, *, prompts: int, samples: int, steps: 
         "rollout.max_response_length=48", "rollout.kv_cache_memory_mib=256",
         "rollout.stream_chunk_prompts=4",
         f"trainer.prompts_per_step={prompts}", f"learner.mini_batch_prompts={prompts}",
-        "learner.micro_batch_per_device=8" if prompts * samples % 8 == 0 else "learner.micro_batch_per_device=2",
+        f"learner.micro_batch_per_device={8 if prompts * samples % 8 == 0 else 2}",
         f"trainer.total_steps={steps + 1}", "trainer.eval_max_prompts=1", "trainer.eval_pass_k=0",
         "trainer.eval_every_steps=0", "trainer.save_every_steps=0", f"trainer.output_dir={out}",
         "trainer.resume=never", "trainer.log_level=info", *extra])
