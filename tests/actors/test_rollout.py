@@ -48,7 +48,7 @@ def perturbed_state_dict(model, scale=0.05, seed=1):
     return {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("which", ["tiny-qwen2", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("which", ["tiny-qwen2.5-vl"])  # the text model's path is a subset of it
 def test_update_in_place_then_match_transformers(ray_local, tiny_models, tmp_path, which):
     from safetensors.torch import save_file
     from transformers import AutoImageProcessor

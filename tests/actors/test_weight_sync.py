@@ -85,11 +85,13 @@ def transformers_reference(model_path: str, weights_file: str, result, images: l
     return greedy[0, prompt.shape[1]:], logp[0]
 
 
-CASES = [("tiny-qwen2", 1, 2), ("tiny-qwen2", 2, 3), ("tiny-qwen2.5-vl", 1, 2)]
+# the vision-language model on one ZeRO-2 rank; 2 ZeRO-3 ranks and the text model go through the
+# transfer API in tests/actors/test_weight_transfer.py, and the shm export under ZeRO-3 is the
+# checkpoint export's gather (tests/launch/test_topology.py)
+CASES = [("tiny-qwen2.5-vl", 1, 2)]
 
 
-@pytest.mark.parametrize("which,ranks,stage", CASES,
-                         ids=["text-1rank-zero2", "text-2ranks-zero3", "vl-1rank-zero2"])
+@pytest.mark.parametrize("which,ranks,stage", CASES, ids=["vl-1rank-zero2"])
 def test_trained_weights_reach_the_engine(ray_local, tiny_models, rollout_worker, which, ranks, stage):
     from transformers import AutoTokenizer
 

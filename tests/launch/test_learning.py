@@ -34,7 +34,7 @@ def base(tiny_models, data_dir, out, *extra):
             "data.max_prompt_length=400", "rollout.max_response_length=48",
             "rollout.kv_cache_memory_mib=128", "rollout.stream_chunk_prompts=4",
             "learner.micro_batch_per_device=16", "trainer.sft_batch_prompts=16",
-            "trainer.eval_max_prompts=128", "trainer.eval_pass_k=4", "trainer.save_every_steps=0",
+            "trainer.eval_max_prompts=128", "trainer.eval_pass_k=0", "trainer.save_every_steps=0",
             "trainer.resume=never", f"trainer.output_dir={out}", *extra]
 
 
