@@ -34,7 +34,7 @@ def run(model: str, data: dict, out: str, *, prompts: int, samples: int, steps: 
 
     cfg = load_config(None, [
         f"model.path={model}", "model.max_model_len=512", f"data.train_files=[{data['train']}]",
-        f"data.val_files=[{data['val']}]", "data.max_prompt_length=256", "algorithm.name=grpo",
+        f"data.val_files=[{data['val']}]", "data.max_prompt_length=400", "algorithm.name=grpo",
         "algorithm.std_normalize=true", "algorithm.mixup=never", f"rollout.samples_per_prompt={samples}",
         "rollout.max_response_length=48", "rollout.kv_cache_memory_mib=256",
         "rollout.stream_chunk_prompts=4",

@@ -89,7 +89,7 @@ def run_calibrl(model: str, data: dict[str, str], out: str, steps: int) -> dict:
 
     cfg = load_config(None, [
         f"model.path={model}", "model.max_model_len=512", f"data.train_files=[{data['train']}]",
-        f"data.val_files=[{data['val']}]", "data.max_prompt_length=256", "algorithm.name=grpo",
+        f"data.val_files=[{data['val']}]", "data.max_prompt_length=400", "algorithm.name=grpo",
         "algorithm.std_normalize=true", "algorithm.mixup=never",
         f"rollout.samples_per_prompt={COMPLETIONS}", f"rollout.max_response_length={MAX_TOKENS}",
         "rollout.temperature=1.0", "rollout.kv_cache_memory_mib=128",

@@ -81,7 +81,7 @@ def main() -> int:
     config = os.path.join(out, "soak.yaml")
     OmegaConf.save(OmegaConf.from_dotlist([
         f"model.path={model}", "model.max_model_len=512", f"data.train_files=[{data['train']}]",
-        f"data.val_files=[{data['val']}]", "data.max_prompt_length=256", "rollout.num_workers=2",
+        f"data.val_files=[{data['val']}]", "data.max_prompt_length=400", "rollout.num_workers=2",
         "rollout.samples_per_prompt=4", "rollout.max_response_length=24", "rollout.kv_cache_memory_mib=64",
         "rollout.stream_chunk_prompts=2", "rollout.num_cpus_per_worker=0.5", "verifier.num_workers=2",
         "verifier.num_cpus_per_worker=0.5", "learner.num_cpus_per_learner=0.5", "learner.lr=1e-4",
@@ -104,6 +104,9 @@ def main() -> int:
         if proc.poll() is not None:
             if last_step(run) >= args.steps:
                 break
+            if proc.returncode == 2:
+                print(f"soak: the driver refused its input (exit 2); see {out}/soak.log", flush=True)
+                return 2
             print(f"soak: the driver exited ({proc.returncode}) at step {last_step(run)}; starting it again",
                   flush=True)
             proc = start(config, log)
