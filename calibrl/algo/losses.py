@@ -272,24 +272,26 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
 
     pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
                     clip_ratio_c=clip_ratio_c)
-    calib, u, gap = _calibration_parts(logp, b, calib_adv, passed, alpha=alpha)
     norms = {"agg": agg, "global_tokens": _or(global_tokens, num_tokens), "global_seqs": global_seqs,
              "norm_length": norm_length}
-    if diagnostics:  # each term's own graph, for its gradient share
+    if diagnostics or lam <= 0:  # each term's own graph (gradient shares); folding lam needs lam > 0
+        calib, u, gap = _calibration_parts(logp, b, calib_adv, passed, alpha=alpha)
         pg_loss = agg_loss(pg.loss, mask, **norms)
         calib_loss = agg_loss(calib, mask, **norms)
         loss = pg_loss + lam * calib_loss
-        metrics = _gradient_shares(logp, {"pg": pg_loss, "calib": lam * calib_loss})
+        metrics = _gradient_shares(logp, {"pg": pg_loss, "calib": lam * calib_loss}) if diagnostics else {}
     else:
-        # every agg is linear in the per-token loss: one reduction (and one backward through it) for both
-        loss = agg_loss(torch.add(pg.loss, calib, alpha=lam), mask, **norms)
+        # lam folded into the per-row weight (LeakyReLU is positively homogeneous), and one reduction for
+        # both terms (every agg is linear in the per-token loss): one backward pass through each
+        lam_calib, u, gap = _calibration_parts(logp, b, lam * calib_adv, passed, alpha=alpha)
+        loss = agg_loss(pg.loss + lam_calib, mask, **norms)
         metrics = {}
+        with torch.no_grad():
+            pg_loss = agg_loss(pg.loss.detach(), mask, **norms)
+            calib_loss = (loss.detach() - pg_loss) / lam
 
     with torch.no_grad():
         denom = _or(global_tokens, num_tokens)
-        if not diagnostics:
-            pg_loss = agg_loss(pg.loss.detach(), mask, **norms)
-            calib_loss = (loss.detach() - pg_loss) / lam if lam else agg_loss(calib.detach(), mask, **norms)
         metrics |= {"pg_loss": pg_loss.detach(), "calib_loss": calib_loss.detach()}
         metrics.update(_pg_metrics(pg, advantages, mask_b, mask, num_tokens, denom,
                                    clip_ratio_c=clip_ratio_c))
