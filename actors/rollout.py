@@ -107,6 +107,7 @@ class RolloutWorker:
         self.logit_bias = {t: NEVER_SAMPLED_BIAS
                            for t in never_sampled_token_ids(self.llm.llm_engine.model_config.hf_config)}
         self.weights_version = 0
+        self.updating = False  # inside a weight-transfer update (start .. finish)
         self.startup_s = time.time() - t0
 
     @classmethod
@@ -183,10 +184,13 @@ class RolloutWorker:
     # The control plane of actors.weight_sync.EngineClient: each forwards to the engine's workers.
 
     def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self._close_interrupted_update()
         self.llm.collective_rpc("init_weight_transfer_engine", args=(init_info,))
 
     def start_weight_update(self) -> None:
+        self._close_interrupted_update()
         self.llm.collective_rpc("start_weight_update")
+        self.updating = True
 
     def update_weights(self, update_info: dict) -> None:
         self.llm.collective_rpc("update_weights", args=(update_info,))
@@ -194,10 +198,19 @@ class RolloutWorker:
     def finish_weight_update(self, version: int | None = None) -> int:
         """Apply the received weights and serve them as `version`; returns the version served."""
         self.llm.collective_rpc("finish_weight_update")
+        self.updating = False
         self._forget_old_weights()
         if version is not None:
             self.weights_version = version
         return self.weights_version
+
+    def _close_interrupted_update(self) -> None:
+        """A push that broke off (another engine died mid-transfer) left this engine inside an update:
+        close it (layers not received keep their weights) before the driver pushes again; the engine
+        serves no sample until that push completes."""
+        if self.updating:
+            self.llm.collective_rpc("finish_weight_update")
+            self.updating = False
 
     def shutdown_weight_transfer_engine(self) -> None:
         self.llm.collective_rpc("shutdown_weight_transfer_engine")

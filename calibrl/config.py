@@ -246,8 +246,9 @@ class ReliabilityConfig:
     """Longest the learners' old-log-prob pass may take before the run stops naming them."""
     train_timeout_s: float = 3600.0
     """Longest the learners' update may take before the run stops naming them."""
-    sync_timeout_s: float = 600.0
-    """Longest a weight push may take (also the transfer group's collective timeout)."""
+    sync_timeout_s: float = 300.0
+    """Longest a weight push may take (also the transfer group's collective timeout: an engine left
+    waiting by a push that broke off is free again after it)."""
     restart_timeout_s: float = 600.0
     """Longest a restarted engine may take to come back (vLLM start-up included)."""
     max_nonfinite_updates: int = 3

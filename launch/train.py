@@ -310,9 +310,30 @@ class Trainer:
         self.synced_version = self.version
         return sync
 
-    def recover_engines(self) -> None:
+    def recover_engines(self, attempts: int = 3) -> None:
         """Wait until every rollout engine answers (Ray restarts a dead one with the initial weights),
-        rebuild the transfer group and push the learners' current weights to all of them."""
+        rebuild the transfer group and push the learners' current weights to all of them; an engine lost
+        again meanwhile starts the round over (at most `attempts` rounds)."""
+        for attempt in range(1, attempts + 1):
+            self.wait_for_engines()
+            try:
+                self.weight_sync.reconnect(timeout=self.cfg.reliability.sync_timeout_s)
+                self.weight_sync.push(self.version, timeout=self.cfg.reliability.sync_timeout_s)
+                break
+            except (ray.exceptions.RayError, TimeoutError) as e:
+                self.check_learners("a weight push")
+                if attempt == attempts:
+                    raise RunStopped(f"step {self.step}: the rollout engines could not be given the current "
+                                     f"weights in {attempts} rounds ({type(e).__name__}); "
+                                     f"{self.resume_hint()}") from None
+                self.progress.line(f"[calibrl] step {self.step}: the weight push failed again "
+                                   f"({type(e).__name__}); recovering once more")
+        self.synced_version = self.version
+        self.engine_recoveries += 1
+        self.progress.line(f"[calibrl] step {self.step}: every rollout engine serves weights version "
+                           f"{self.version} again")
+
+    def wait_for_engines(self) -> None:
         r = self.cfg.reliability
         deadline = time.time() + r.restart_timeout_s
         for i, worker in enumerate(self.rollout):
@@ -322,16 +343,10 @@ class Trainer:
                     break
                 except ray.exceptions.ActorUnavailableError:  # restarting: ask again
                     if time.time() > deadline:
-                        raise RunStopped(self.lost_engine_message(i, "it is still restarting"))
+                        raise RunStopped(self.lost_engine_message(i, "it is still restarting")) from None
                     time.sleep(1.0)
                 except (ray.exceptions.RayError, TimeoutError) as e:
                     raise RunStopped(self.lost_engine_message(i, type(e).__name__)) from None
-        self.weight_sync.reconnect(timeout=r.sync_timeout_s)
-        self.weight_sync.push(self.version, timeout=r.sync_timeout_s)
-        self.synced_version = self.version
-        self.engine_recoveries += 1
-        self.progress.line(f"[calibrl] step {self.step}: every rollout engine serves weights version "
-                           f"{self.version} again")
 
     def lost_engine_message(self, index: int, why: str) -> str:
         timeout = self.cfg.reliability.restart_timeout_s
