@@ -129,6 +129,14 @@ def test_gloo_transfer_two_learners_two_engines(ray_local, tiny_models):
         sync.push(8)
         assert [ray.get(w.info.remote())["weights_version"] for w in workers] == [8, 8]
         assert gap() <= 1e-3
+
+        # a push that broke off (another engine died mid-transfer) leaves an engine inside an update:
+        # the next push closes it and goes through (found by scripts/soak.py)
+        ray.get(workers[0].start_weight_update.remote())
+        ray.get(learners.run("train_step", batch, loss_name="grpo", loss_kwargs=loss))
+        sync.push(9)
+        assert [ray.get(w.info.remote())["weights_version"] for w in workers] == [9, 9]
+        assert gap() <= 1e-3
     finally:
         learners.shutdown()
         for w in workers:
