@@ -32,6 +32,8 @@ if ! "${PODMAN[@]}" image exists localhost/debian-bookworm:base; then
   tar -C "$WORK/rootfs" -c . | "${PODMAN[@]}" import - localhost/debian-bookworm:base > /dev/null
 fi
 say "3/5 build calibrl:cpu from docker/Dockerfile (install log: $WORK/build.log)"
+# PyPI has no torch==2.13.0+cpu; this machine's pip cache has it: hand it to the build
+for wheel in ${PIP_FIND_LINKS:-/opt/wheels}/torch-2.13.0+cpu*.whl; do [ -f "$wheel" ] && cp -n "$wheel" docker/wheels/; done
 t0=$(date +%s)
 "${PODMAN[@]}" build "${LIMITS[@]}" -f docker/Dockerfile --build-arg BASE=localhost/debian-bookworm:base \
   --build-arg DEVICE=cpu -t localhost/calibrl:cpu . > "$WORK/build.log" 2>&1
