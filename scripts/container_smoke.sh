@@ -34,6 +34,8 @@ fi
 say "3/5 build calibrl:cpu from docker/Dockerfile (install log: $WORK/build.log)"
 # PyPI has no torch==2.13.0+cpu; this machine's pip cache has it: hand it to the build
 for wheel in ${PIP_FIND_LINKS:-/opt/wheels}/torch-2.13.0+cpu*.whl; do [ -f "$wheel" ] && cp -n "$wheel" docker/wheels/; done
+# a network that inspects TLS: the build's pip trusts what this machine's pip trusts
+[ -n "${PIP_CERT:-}" ] && [ -f "$PIP_CERT" ] && cp "$PIP_CERT" docker/certs/ca-bundle.crt
 t0=$(date +%s)
 "${PODMAN[@]}" build "${LIMITS[@]}" -f docker/Dockerfile --build-arg BASE=localhost/debian-bookworm:base \
   --build-arg DEVICE=cpu -t localhost/calibrl:cpu . > "$WORK/build.log" 2>&1
