@@ -78,6 +78,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     ap.add_argument("--python", default="python", help="the cluster's Python with calibrl's dependencies")
     ap.add_argument("--job-id", default=None, help="a submission id of your choice (default: Ray's)")
+    ap.add_argument("--wait-s", type=float, default=0.0,
+                    help="keep trying to reach the cluster this long (a head still starting)")
     args, rest = ap.parse_known_args(argv)
     configs, overrides = split_config_args(rest)
     if not configs:
@@ -95,11 +97,15 @@ def main(argv: list[str]) -> None:
 
     logging.getLogger("ray").setLevel(logging.ERROR)  # not the packaging chatter
 
-    try:
-        client = JobSubmissionClient(address)
-    except (ConnectionError, RuntimeError) as e:
-        raise SystemExit(f"calibrl submit: cannot reach the Ray cluster at {address}: "
-                         f"{str(e).splitlines()[0]}") from None
+    client, deadline = None, time.time() + args.wait_s
+    while client is None:  # a head that is still starting (compose starts both at once) is waited for
+        try:
+            client = JobSubmissionClient(address)
+        except (ConnectionError, RuntimeError) as e:
+            if time.time() >= deadline:
+                raise SystemExit(f"calibrl submit: cannot reach the Ray cluster at {address} (waited "
+                                 f"{args.wait_s:.0f} s, --wait-s): {str(e).splitlines()[0]}") from None
+            time.sleep(3)
     job_id = None
     deadline = time.time() + AGENT_WAIT_S
     while job_id is None:
