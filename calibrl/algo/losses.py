@@ -272,23 +272,13 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
 
     pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
                     clip_ratio_c=clip_ratio_c)
+    calib, u, gap = _calibration_parts(logp, b, calib_adv, passed, alpha=alpha)
     norms = {"agg": agg, "global_tokens": _or(global_tokens, num_tokens), "global_seqs": global_seqs,
              "norm_length": norm_length}
-    if diagnostics or lam <= 0:  # each term's own graph (gradient shares); folding lam needs lam > 0
-        calib, u, gap = _calibration_parts(logp, b, calib_adv, passed, alpha=alpha)
-        pg_loss = agg_loss(pg.loss, mask, **norms)
-        calib_loss = agg_loss(calib, mask, **norms)
-        loss = pg_loss + lam * calib_loss
-        metrics = _gradient_shares(logp, {"pg": pg_loss, "calib": lam * calib_loss}) if diagnostics else {}
-    else:
-        # lam folded into the per-row weight (LeakyReLU is positively homogeneous), and one reduction for
-        # both terms (every agg is linear in the per-token loss): one backward pass through each
-        lam_calib, u, gap = _calibration_parts(logp, b, lam * calib_adv, passed, alpha=alpha)
-        loss = agg_loss(pg.loss + lam_calib, mask, **norms)
-        metrics = {}
-        with torch.no_grad():
-            pg_loss = agg_loss(pg.loss.detach(), mask, **norms)
-            calib_loss = (loss.detach() - pg_loss) / lam
+    pg_loss = agg_loss(pg.loss, mask, **norms)
+    calib_loss = agg_loss(calib, mask, **norms)
+    loss = pg_loss + lam * calib_loss
+    metrics = _gradient_shares(logp, {"pg": pg_loss, "calib": lam * calib_loss}) if diagnostics else {}
 
     with torch.no_grad():
         denom = _or(global_tokens, num_tokens)
