@@ -28,7 +28,7 @@ import torch
 from actors.group import ActorGroup
 from actors.logs import actor_log_dir, forward_warnings
 from actors.weight_sync import link_model_files
-from calibrl.algo import TrainBatch, compute_loss, has_signal, loss_normalizers
+from calibrl.algo import TrainBatch, compile_loss_kernels, compute_loss, has_signal, loss_normalizers
 from calibrl.config import Config
 from calibrl.inputs import image_tensors
 from calibrl.modeling import response_logprobs
@@ -94,7 +94,8 @@ class Learner:
                  lr_warmup_steps: int = 0, lr_schedule: str = "constant", total_updates: int = 1000,
                  micro_batch_per_device: int = 4, gradient_checkpointing: bool = False,
                  optimizer: str = "adamw", seed: int = 0, temperature: float = 1.0,
-                 image_min_pixels: int | None = None, image_max_pixels: int | None = None):
+                 image_min_pixels: int | None = None, image_max_pixels: int | None = None,
+                 compile_loss: bool = False):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         cuda = torch.cuda.is_available()
@@ -115,6 +116,8 @@ class Learner:
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         torch.manual_seed(seed + rank)
+        if compile_loss:
+            compile_loss_kernels()
 
         vl = hasattr(AutoConfig.from_pretrained(model_path), "vision_config")
         cls = AutoModelForImageTextToText if vl else AutoModelForCausalLM
@@ -160,7 +163,7 @@ class Learner:
             gradient_checkpointing=cfg.model.gradient_checkpointing, optimizer=ln.optimizer,
             seed=cfg.trainer.seed, temperature=cfg.rollout.temperature,
             image_min_pixels=cfg.model.image_min_pixels, image_max_pixels=cfg.model.image_max_pixels,
-            log_dir=actor_log_dir(cfg))
+            compile_loss=ln.compile_loss, log_dir=actor_log_dir(cfg))
 
     # ---- batch plumbing ---------------------------------------------------------------------
 

@@ -11,7 +11,9 @@
    worker can send through Ray without a copy; with lists, converting them is most of the stage's
    time).
 2. Loss: forward + backward of `calibrl_loss` against `ppo_loss` (the GRPO loss, same dual clip)
-   on the assembled batch's shapes, fastest of `--repeats` alternating runs, metrics included in both.
+   on the assembled batch's shapes, fastest of `--repeats` alternating runs, metrics included in both:
+   first with the kernels run eagerly (the default), then fused by `compile_loss_kernels()`
+   (`learner.compile_loss=true`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from calibrl.algo import (
     Verdict,
     attach_expert_logprobs,
     calibrl_loss,
+    compile_loss_kernels,
     ppo_loss,
 )
 
@@ -170,6 +173,9 @@ def main() -> None:
         loss.backward()
 
     t_calib, t_grpo = best_times([calib, grpo], args.repeats)
+    compile_loss_kernels()
+    t_calib_c, t_grpo_c = best_times([calib, grpo], args.repeats)
+    compile_loss_kernels(False)
 
     def row(name, seconds, ratio="", target=""):
         print(f"| {name:66s} | {seconds:9.3f} | {ratio:>8s} | {target:8s} |")
@@ -183,11 +189,15 @@ def main() -> None:
     row("ids/log-probs as numpy arrays: per-sample loop", t_loop_arrays)
     row("ids/log-probs as numpy arrays: CalibrationStage + attach", t_stage_arrays,
         f"{t_loop_arrays / t_stage_arrays:.1f}x", ">= 30x")
-    row("ppo_loss (GRPO) forward+backward", t_grpo)
-    row("calibrl_loss forward+backward", t_calib, f"{t_calib / t_grpo:.2f}x", "<= 1.10x")
+    row("ppo_loss (GRPO) forward+backward, eager kernels", t_grpo)
+    row("calibrl_loss forward+backward, eager kernels", t_calib, f"{t_calib / t_grpo:.2f}x", "<= 1.10x")
+    row("ppo_loss (GRPO) forward+backward, compiled kernels", t_grpo_c)
+    row("calibrl_loss forward+backward, compiled kernels", t_calib_c, f"{t_calib_c / t_grpo_c:.2f}x",
+        "<= 1.10x")
     print(f"\noutputs equal ({len(FIELDS)} fields, {rows} rows x {batch.response_ids.shape[1]} tokens, "
           f"both input kinds); stage speed-up {t_loop_lists / t_stage_lists:.1f}x (lists) / "
-          f"{t_loop_arrays / t_stage_arrays:.1f}x (arrays); calibrl_loss / GRPO loss {t_calib / t_grpo:.2f}x")
+          f"{t_loop_arrays / t_stage_arrays:.1f}x (arrays); calibrl_loss / GRPO loss {t_calib / t_grpo:.2f}x "
+          f"(eager), {t_calib_c / t_grpo_c:.2f}x (compiled)")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,14 @@
     .venv/bin/python benchmarks/scaling.py --quick    # fewer points
 
 For each setting: GRPO from the tiny text model, 1 warm-up step and `--steps` timed steps (medians of
-the driver's `time/*` metrics), all in one Ray session. Then the demo's shape (64 prompts x 4)
-synchronous and with `trainer.one_step_off=true`, side by side: one-step-off's step time against
-max(rollout, train) of the synchronous run (target <= 1.15x). Prints the tables and the fitted slopes
-(seconds per sample, least squares), and writes `scaling.png` (the curves) to --out.
+the driver's `time/*` metrics), all in one Ray session. Then the demo itself (configs/cpu_demo.yaml:
+the tiny VL model, CalibRL, 64 prompts x 4, 4 updates per step; RL steps only, no SFT warm-up) three
+ways, side by side: synchronous with the old log-probs after generation, synchronous with them
+streamed during generation (the default), and one-step-off: its step time against max(rollout, log-probs
++ train) of the synchronous run (target <= 1.15x). Every run scores responses with
+benchmarks/rewards.py:odd_length, which a random model earns half the time, so every step trains.
+Prints the tables and the fitted slopes (seconds per completion, least squares), and writes
+`scaling.png` (the curves) to --out.
 """
 
 from __future__ import annotations
@@ -25,14 +29,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 KEYS = ("time/step_s", "time/rollout_s", "time/logprobs_s", "time/train_s", "time/sync_s")
+REWARD = "verifier.reward_function=benchmarks.rewards:odd_length"
 
 
-def run(model: str, data: dict, out: str, *, prompts: int, samples: int, steps: int, extra=()) -> dict:
+def timed_run(config: str | None, overrides: list[str]) -> dict:
+    """Medians of the `time/*` metrics over every step but the first (the warm-up)."""
     from calibrl.config import load_config
     from launch.metrics import read_metrics
     from launch.train import Trainer
 
-    cfg = load_config(None, [
+    cfg = load_config(config, overrides)
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit()
+    finally:
+        trainer.shutdown()
+    rows = [r for r in read_metrics(cfg.trainer.output_dir) if r["kind"] == "train"][1:]
+    return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in KEYS}
+
+
+def run(model: str, data: dict, out: str, *, prompts: int, samples: int, steps: int) -> dict:
+    return timed_run(None, [
         f"model.path={model}", "model.max_model_len=512", f"data.train_files=[{data['train']}]",
         f"data.val_files=[{data['val']}]", "data.max_prompt_length=400", "algorithm.name=grpo",
         "algorithm.std_normalize=true", "algorithm.mixup=never", f"rollout.samples_per_prompt={samples}",
@@ -42,14 +59,17 @@ def run(model: str, data: dict, out: str, *, prompts: int, samples: int, steps: 
         f"learner.micro_batch_per_device={8 if prompts * samples % 8 == 0 else 2}",
         f"trainer.total_steps={steps + 1}", "trainer.eval_max_prompts=1", "trainer.eval_pass_k=0",
         "trainer.eval_every_steps=0", "trainer.save_every_steps=0", f"trainer.output_dir={out}",
-        "trainer.resume=never", "trainer.log_level=info", *extra])
-    trainer = Trainer(cfg)
-    try:
-        trainer.fit()
-    finally:
-        trainer.shutdown()
-    rows = [r for r in read_metrics(out) if r["kind"] == "train"][1:]
-    return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in KEYS}
+        "trainer.resume=never", REWARD])
+
+
+def run_demo(root: str, out: str, *, steps: int, extra=()) -> dict:
+    """configs/cpu_demo.yaml's RL steps on its model and data (made under `root`)."""
+    return timed_run(str(ROOT / "configs" / "cpu_demo.yaml"), [
+        f"model.path={root}/tiny-models/tiny-qwen2.5-vl", f"data.train_files=[{root}/data/train.parquet]",
+        f"data.val_files=[{root}/data/val.parquet]", "trainer.sft_warmup_steps=0",
+        f"trainer.total_steps={steps + 1}", "trainer.eval_max_prompts=1", "trainer.eval_pass_k=0",
+        "trainer.eval_every_steps=0", "trainer.save_every_steps=0", f"trainer.output_dir={out}", REWARD,
+        *extra])
 
 
 def slope(xs: list[float], ys: list[float]) -> tuple[float, float]:
@@ -80,9 +100,15 @@ def main() -> None:
                   for n in samples}
     by_prompts = {p: run(model, data, os.path.join(tmp, f"p{p}"), prompts=p, samples=4, steps=args.steps)
                   for p in prompts}
-    sync = run(model, data, os.path.join(tmp, "sync"), prompts=64, samples=4, steps=args.steps)
-    async_ = run(model, data, os.path.join(tmp, "async"), prompts=64, samples=4, steps=args.steps,
-                 extra=["trainer.one_step_off=true"])
+    from launch.cli import make_demo_data
+
+    demo = os.path.join(tmp, "demo")
+    make_demo_data(demo, n_train=512, n_val=8, n_test=8)
+    after = run_demo(demo, os.path.join(tmp, "after"), steps=args.steps,
+                     extra=["trainer.stream_logprobs=false"])
+    sync = run_demo(demo, os.path.join(tmp, "sync"), steps=args.steps)
+    async_ = run_demo(demo, os.path.join(tmp, "async"), steps=args.steps,
+                      extra=["trainer.one_step_off=true"])
 
     def table(title: str, runs: dict, label: str) -> None:
         print(f"\n{title}\n| {label} | step s | rollout s | logprobs s | train s | sync s |")
@@ -96,12 +122,17 @@ def main() -> None:
         xs = [x * per for x in runs]
         a, b = slope(xs, [r["time/step_s"] for r in runs.values()])
         print(f"fit over {name}: step_s = {a:.2f} + {b * 1000:.1f} ms x completions")
-    bound = max(sync["time/rollout_s"], sync["time/train_s"] + sync["time/logprobs_s"])
-    learn = sync["time/logprobs_s"] + sync["time/train_s"]
-    print(f"\nDemo shape, 64 prompts x 4: synchronous step {sync['time/step_s']:.2f} s (rollout "
-          f"{sync['time/rollout_s']:.2f}, log-probs + train {learn:.2f}); "
-          f"one-step-off {async_['time/step_s']:.2f} s = {async_['time/step_s'] / bound:.2f}x max(rollout, "
-          f"log-probs + train) (target <= 1.15x), {sync['time/step_s'] / async_['time/step_s']:.2f}x faster")
+    table("The demo's RL step (configs/cpu_demo.yaml, 64 prompts x 4, 4 updates)",
+          {"synchronous, log-probs after generation": after, "synchronous, log-probs streamed": sync,
+           "one-step-off": async_}, "mode")
+    learn = after["time/logprobs_s"] + after["time/train_s"]
+    bound = max(after["time/rollout_s"], learn)
+    print(f"\nsynchronous: rollout {after['time/rollout_s']:.2f} s, log-probs + train {learn:.2f} s; "
+          f"log-probs streamed during generation: step {sync['time/step_s']:.2f} s = "
+          f"{after['time/step_s'] / sync['time/step_s']:.2f}x faster than after it")
+    print(f"one-step-off: step {async_['time/step_s']:.2f} s = {async_['time/step_s'] / bound:.2f}x "
+          f"max(rollout, log-probs + train) (target <= 1.15x), "
+          f"{after['time/step_s'] / async_['time/step_s']:.2f}x faster than synchronous")
 
     import matplotlib
 

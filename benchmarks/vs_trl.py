@@ -4,7 +4,10 @@
     .venv/bin/python benchmarks/vs_trl.py --models tiny   # the tiny model only
 
 GRPO on both sides: 8 prompts x 8 completions of up to 64 tokens per step, one optimizer update per
-step, lr 1e-6, no KL, the synthetic arithmetic task of the demo scored by calibrl's verifier. calibrl
+step, lr 1e-6, no KL, the prompts of the demo's synthetic task scored by
+benchmarks/rewards.py:odd_length, which a random model earns half the time, so both sides train on
+every step (with the task's own reward a random model earns nothing, and calibrl would skip its
+updates). calibrl
 runs its own pipeline (vLLM CPU engine, DeepSpeed learner, verifier actor, weight transfer); TRL runs
 GRPOTrainer as it comes (transformers generation, no vLLM) on the same cores. Each side runs one
 warm-up step and then `--steps` timed steps; the table gives the median step time and completions per
@@ -97,7 +100,7 @@ def run_calibrl(model: str, data: dict[str, str], out: str, steps: int) -> dict:
         f"learner.mini_batch_prompts={PROMPTS}", "learner.micro_batch_per_device=16", "learner.lr=1e-6",
         f"trainer.total_steps={steps + 1}", "trainer.eval_max_prompts=1", "trainer.eval_pass_k=0",
         "trainer.eval_every_steps=0", "trainer.save_every_steps=0", f"trainer.output_dir={out}",
-        "trainer.resume=never"])
+        "trainer.resume=never", "verifier.reward_function=benchmarks.rewards:odd_length"])
     trainer = Trainer(cfg)
     try:
         trainer.fit()
@@ -136,7 +139,7 @@ def trl_worker(spec_path: str) -> None:
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from calibrl.algo.reward import verify
+    from benchmarks.rewards import odd_length
 
     spec = json.loads(pathlib.Path(spec_path).read_text())
     answers = dict(zip(spec["prompts"], spec["answers"]))
@@ -145,7 +148,7 @@ def trl_worker(spec_path: str) -> None:
 
     def reward(completions, answer, **_):
         texts = [c[0]["content"] if isinstance(c, list) else c for c in completions]
-        return [verify(text, a).reward for text, a in zip(texts, answer)]
+        return [odd_length(text, a) for text, a in zip(texts, answer)]
 
     times: list[float] = []
 

@@ -170,6 +170,9 @@ class LearnerConfig:
     """`adamw` (default) or `sgd` (an update proportional to the gradient; used by equivalence tests)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
+    compile_loss: bool = False
+    """Fuse the PG / CalibRL loss kernels with `torch.compile` (needs a C++ compiler on CPU, Triton on
+    GPU; seconds of compiling when a learner starts). Off: the same kernels run eagerly."""
     mini_batch_prompts: int = 4
     """Prompts per optimizer update (PPO mini-batch); prompts_per_step must be a multiple."""
     micro_batch_per_device: int = 4
@@ -214,6 +217,10 @@ class TrainerConfig:
     """Validation prompts per val file (0 = all)."""
     one_step_off: bool = False
     """Sample step t+1 while the learner trains step t (its samples are then 1 version old)."""
+    stream_logprobs: bool = True
+    """Compute the old log-probs of each chunk's groups on the learners as the chunk is verified,
+    while the rest of the step generates (not under dynamic sampling, whose groups are only known at
+    the end). Off: one pass over the whole batch after generation."""
     max_staleness: int = 1
     """Oldest weights a trained sample may come from, in versions behind the learner's: one-step-off
     needs 1; a sample older than this stops the run naming the engine."""

@@ -14,6 +14,12 @@ enough informative groups (at most `algorithm.max_sampling_rounds` rounds).
 `RolloutStream.start(step)` submits and returns a `PendingRollout` at once, so the driver can
 start step t+1's rollout before step t trains (one-step-off); `finish(pending)` drains it and
 returns the assembled `TrainBatch` with the rollout's metrics.
+
+Old log-probs overlap generation (`trainer.stream_logprobs`): as a chunk's groups enter the stage,
+they also go, as a small batch of their own (every response and expert), to the learners'
+`compute_logprobs` (the driver's `score_rows`), while the engines generate the other chunks. The
+driver then places those rows in the step's batch (`place_rows`). Not under dynamic sampling,
+whose batch is known only at the end.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import ray
+import torch
 
+from actors.learner import gather_rank_rows
 from actors.rollout import RolloutRequest, SamplingSpec
 from calibrl.algo import METHODS, CalibrationStage, Group, TrainBatch
 from calibrl.algo.metrics import stage_metrics
@@ -38,6 +46,54 @@ POLL_S = 1.0
 def step_seed(seed: int, step: int) -> int:
     """The seed of step `step`: a resumed run draws exactly what an uninterrupted one would."""
     return (seed * 1_000_003 + step) % (2**31)
+
+
+@dataclass
+class LogprobPart:
+    """Old log-probs of one chunk's groups, being computed on the learners while the step generates."""
+
+    keys: list[tuple[int, bool, int]]
+    """`row_keys` of the chunk's batch: which row of the step each of its rows is."""
+    shape: tuple[int, int]
+    """The chunk batch's (rows, response width)."""
+    refs: list
+    """One `compute_logprobs` ObjectRef per learner rank."""
+
+
+def row_keys(batch: TrainBatch, first_group: int = 0) -> list[tuple[int, bool, int]]:
+    """Each row's (group ordinal in the step, is an expert, index among its group's rows of that kind):
+    the same for a row in a chunk's batch and in the step's batch, whatever the experts mixup kept."""
+    keys, count = [], {}
+    for g, expert in zip(batch.group_index.tolist(), batch.is_expert.tolist()):
+        kind = (first_group + g, expert)
+        count[kind] = count.get(kind, -1) + 1
+        keys.append((*kind, count[kind]))
+    return keys
+
+
+def place_rows(parts: list[LogprobPart], batch: TrainBatch) -> list[tuple[list[int], list[int]]] | None:
+    """For each part, (rows of `batch`, its own rows holding them); None if some row of `batch` is in
+    no part (the step's batch is then scored whole)."""
+    where = {key: (p, j) for p, part in enumerate(parts) for j, key in enumerate(part.keys)}
+    keys = row_keys(batch)
+    if not parts or any(key not in where for key in keys):
+        return None
+    placed: list[tuple[list[int], list[int]]] = [([], []) for _ in parts]
+    for i, key in enumerate(keys):
+        p, j = where[key]
+        placed[p][0].append(i)
+        placed[p][1].append(j)
+    return placed
+
+
+def gather_parts(parts: list[LogprobPart], placed: list[tuple[list[int], list[int]]],
+                 results: list[list[dict]], shape: tuple[int, int], key: str) -> torch.Tensor:
+    """The step's (B, T) `key` ("logp" or "entropy") from each part's per-rank results."""
+    out = torch.zeros(shape)
+    for part, (rows, src), ranks in zip(parts, placed, results):
+        width = min(shape[1], part.shape[1])
+        out[rows, :width] = gather_rank_rows(ranks, key, part.shape)[src, :width]
+    return out
 
 
 @dataclass
@@ -63,6 +119,8 @@ class PendingRollout:
     """Chunks whose engine died or hung; each was sent again."""
     verifiers_lost: int = 0
     """Chunks whose verifier died or hung; each was scored again elsewhere."""
+    logprob_parts: list[LogprobPart] = field(default_factory=list)
+    """Old log-probs of the groups added so far, computed while the rest generates."""
 
 
 @dataclass
@@ -91,13 +149,16 @@ class Verifying:
 class RolloutStream:
     def __init__(self, cfg: Config, *, sampler: PromptSampler, rollout_workers: list, verifiers, experts,
                  pad_token_id: int, recover: Callable[[], None] = lambda: None,
-                 notify: Callable[[str], None] = print):
+                 notify: Callable[[str], None] = print,
+                 score_rows: Callable[[TrainBatch], list] | None = None):
         """`recover()`: bring every lost engine back with the current weights (the driver's);
-        `notify(line)`: tell the user what happened."""
+        `notify(line)`: tell the user what happened; `score_rows(batch)`: submit `compute_logprobs`
+        of a chunk's batch to every learner rank, returning the ObjectRefs (None: no streaming)."""
         self.cfg, self.sampler = cfg, sampler
         self.workers, self.verifiers, self.experts = rollout_workers, verifiers, experts
         self.pad_token_id = pad_token_id
         self.recover, self.notify = recover, notify
+        self.score_rows = score_rows
         self.lost: set[int] = set()  # engines that died or hung since the last recover()
 
     def start(self, step: int) -> PendingRollout:
@@ -256,10 +317,26 @@ class RolloutStream:
         pending.verify_timeouts += verify_metrics["timeouts"]
         pending.verify_errors += verify_metrics["errors"]
         pending.verify_s += verify_metrics["seconds"]
-        i = 0
+        i, first, groups = 0, pending.stage.num_groups, []
         for ex, res in zip(job.examples, job.results):
             n = len(res.samples)
-            pending.stage.add(Group(prompt_id=ex.id, prompt_token_ids=res.prompt_token_ids, answer=ex.answer,
-                                    responses=res.samples, verdicts=verdicts[i:i + n], experts=experts[ex.id],
-                                    images=list(ex.images)))
+            groups.append(Group(prompt_id=ex.id, prompt_token_ids=res.prompt_token_ids, answer=ex.answer,
+                                responses=res.samples, verdicts=verdicts[i:i + n], experts=experts[ex.id],
+                                images=list(ex.images)))
+            pending.stage.add(groups[-1])
             i += n
+        if self.score_rows is not None and not self.cfg.algorithm.dynamic_sampling:
+            self._score_early(pending, groups, first)
+
+    def _score_early(self, pending: PendingRollout, groups: list[Group], first: int) -> None:
+        """Send the chunk's rows (every response, and every expert unless the step takes none) to the
+        learners' old log-probs now."""
+        stage = pending.stage
+        chunk = CalibrationStage(pad_token_id=self.pad_token_id, experts_per_group=stage.experts_per_group,
+                                 mixup="never" if stage.mixup == "never" else "always")
+        for group in groups:
+            chunk.add(group)
+        batch, _ = chunk.assemble()
+        pending.logprob_parts.append(LogprobPart(keys=row_keys(batch, first),
+                                                 shape=tuple(batch.response_ids.shape),
+                                                 refs=self.score_rows(batch)))

@@ -3,8 +3,9 @@
 Read `Trainer.fit` (the run) and `Trainer.train_step` (one RL step) first. One step, top to bottom:
 
     sample prompts -> rollout requests to the vLLM workers -> as each request completes, verify
-    its groups and fetch their experts -> calibration stage (launch/rollout_stream.py) -> learner
-    old log-probs -> train -> sync weights to every rollout worker -> log -> checkpoint
+    its groups and fetch their experts -> calibration stage (launch/rollout_stream.py), and the
+    learners' old log-probs of those groups while the rest generates -> train -> sync weights to
+    every rollout worker -> log -> checkpoint
 
 With `trainer.one_step_off`, step t+1's rollouts are submitted before step t trains, so sampling
 overlaps learning; every sample carries its weights version and the staleness (at most 1) is
@@ -23,6 +24,7 @@ import sys
 import time
 
 import ray
+import torch
 
 from actors.expert_store import ExpertStore
 from actors.learner import Learner, gather_rank_rows
@@ -55,7 +57,7 @@ from launch.errors import RunStopped
 from launch.evaluate import evaluate
 from launch.metrics import MetricsLogger, read_metrics
 from launch.progress import Progress
-from launch.rollout_stream import PendingRollout, RolloutStream, step_seed
+from launch.rollout_stream import PendingRollout, RolloutStream, gather_parts, place_rows, step_seed
 
 PROMPT_DEPENDENCE_PROMPTS = 64
 """Held-out prompts `val/prompt_dependence` is measured on at each evaluation."""
@@ -118,7 +120,8 @@ class Trainer:
         self.stream = RolloutStream(c, sampler=self.sampler, rollout_workers=self.rollout,
                                     verifiers=self.verifiers, experts=self.experts,
                                     pad_token_id=self.tokenizer.pad_token_id, recover=self.recover_engines,
-                                    notify=self.progress.line)
+                                    notify=self.progress.line,
+                                    score_rows=self.score_rows if c.trainer.stream_logprobs else None)
         self.weight_sync = make_weight_sync(c, self.learners, self.rollout)
         self.logger = MetricsLogger(self.out)
         self.engine_recoveries = 0
@@ -238,12 +241,8 @@ class Trainer:
         next_pending = self.start_rollout(self.step + 1) if one_step_off else None
 
         # old log-probs of every row (experts included) -> each row's expert baseline
-        batch_ref = ray.put(batch)
-        results = self.on_learners("compute_logprobs", batch_ref, what="old log-probs",
-                                   timeout=c.reliability.logprobs_timeout_s)
-        shape = tuple(batch.response_ids.shape)
-        attach_expert_logprobs(batch, gather_rank_rows(results, "logp", shape))
-        entropy = gather_rank_rows(results, "entropy", shape)
+        old_logp, entropy, streamed = self.old_logprobs(pending, batch)
+        attach_expert_logprobs(batch, old_logp)
         t_logp = time.time()
 
         train = self.on_learners("train_step", ray.put(batch), loss_name=a.name,
@@ -262,13 +261,33 @@ class Trainer:
         self.check_nonfinite(metrics)
         metrics |= gradient_shares(metrics)
         self.log_rollouts(batch)
-        metrics |= {"time/rollout_s": t_rollout - t0,
+        metrics |= {"perf/logprobs_streamed": float(streamed), "time/rollout_s": t_rollout - t0,
                     "time/logprobs_s": t_logp - t_rollout, "time/train_s": t_train - t_logp,
                     "time/step_s": time.time() - t0,
                     "perf/tokens_per_s": float(batch.response_length.sum()) / max(time.time() - t0, 1e-9)}
         self.logger.log(self.step, metrics)
         self.progress.advance(**{label: metrics[k] for label, k in PROGRESS_KEYS.items() if k in metrics})
         return next_pending
+
+    def old_logprobs(self, pending: PendingRollout, batch) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(old log-probs, entropy, streamed) of every row of the step's batch: from the chunks scored
+        while the step generated when they cover the batch, else one pass over it now."""
+        timeout = self.cfg.reliability.logprobs_timeout_s
+        shape = tuple(batch.response_ids.shape)
+        placed = place_rows(pending.logprob_parts, batch)
+        if placed is None:
+            results = self.on_learners("compute_logprobs", ray.put(batch), what="old log-probs",
+                                       timeout=timeout)
+            return (gather_rank_rows(results, "logp", shape), gather_rank_rows(results, "entropy", shape),
+                    False)
+        results = [self.wait_learners(part.refs, what="old log-probs", timeout=timeout)
+                   for part in pending.logprob_parts]
+        return (gather_parts(pending.logprob_parts, placed, results, shape, "logp"),
+                gather_parts(pending.logprob_parts, placed, results, shape, "entropy"), True)
+
+    def score_rows(self, batch) -> list:
+        """Submit old log-probs of a chunk's rows to every learner rank (see `trainer.stream_logprobs`)."""
+        return self.learners.run("compute_logprobs", ray.put(batch))
 
     # ---- SFT warm-up ------------------------------------------------------------------------------
 
@@ -357,8 +376,11 @@ class Trainer:
         """Call `method` on every learner rank and wait, at most `timeout` seconds; a rank that dies or
         a call past its deadline stops the run naming the rank and what it was doing (ZeRO cannot go
         on without a rank: resume from the last checkpoint)."""
+        return self.wait_learners(self.learners.run(method, *args, **kwargs), what=what, timeout=timeout)
+
+    def wait_learners(self, refs: list, *, what: str, timeout: float | None = None) -> list:
+        """Wait for one call on every learner rank (`on_learners`' deadline and lost-rank handling)."""
         timeout = timeout or self.cfg.reliability.train_timeout_s
-        refs = self.learners.run(method, *args, **kwargs)
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         deadline = time.time() + timeout
         waiting = list(refs)

@@ -5,7 +5,8 @@ Public API (the project's learner and driver use exactly these):
 - reward (section 1): `verify(response, answer, *, pass_threshold=0.1) -> Verdict`
 - advantages (section 2): `group_advantages`, DAPO's `overlong_penalty` and `informative_groups`
 - losses (sections 3-5): `calibrl_loss`, `ppo_loss` (GRPO / Dr.GRPO / DAPO), `sft_loss`, `luffy_loss`,
-  `rlplus_loss`, `agg_loss`, `dual_clip_pg`, `calibration_term`, `k3_kl`
+  `rlplus_loss`, `agg_loss`, `token_weights`, `dual_clip_pg`, `calibration_term`, `k3_kl`,
+  `compile_loss_kernels` (fuse the PG / CalibRL kernels with torch.compile)
 - the method table: `METHODS[name]` (loss, knobs, loss rows, expert rows, expert in baseline,
   needs rollouts), `compute_loss`, `loss_token_mask`, `loss_normalizers`
 - mixup (section 6): `MIXUP_POLICIES`
@@ -24,12 +25,14 @@ from calibrl.algo.losses import (
                                  agg_loss,
                                  calibration_term,
                                  calibrl_loss,
+                                 compile_loss_kernels,
                                  dual_clip_pg,
                                  k3_kl,
                                  luffy_loss,
                                  ppo_loss,
                                  rlplus_loss,
                                  sft_loss,
+                                 token_weights,
 )
 from calibrl.algo.methods import (
                                  DEFAULT_METHOD,
@@ -62,6 +65,7 @@ __all__ = [
                                  "attach_expert_logprobs",
                                  "calibration_term",
                                  "calibrl_loss",
+                                 "compile_loss_kernels",
                                  "compute_loss",
                                  "dual_clip_pg",
                                  "entropy_from_logits",
@@ -78,5 +82,6 @@ __all__ = [
                                  "ppo_loss",
                                  "rlplus_loss",
                                  "sft_loss",
+                                 "token_weights",
                                  "verify",
 ]

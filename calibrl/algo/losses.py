@@ -32,10 +32,7 @@ Departures from the paper / reference code:
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
@@ -49,40 +46,37 @@ NO_EXPERT_BASELINES = ("none", "zero")
 # aggregation
 
 
-def _masked_sum(x: Tensor, mask: Tensor) -> Tensor:
-    """sum(x * mask) as one dot product (no (B, T) temporary). x, mask: (B, T) same dtype."""
-    return torch.dot(x.reshape(-1), mask.reshape(-1))
+def token_weights(mask: Tensor, *, agg: str = "token-mean", global_tokens: float | Tensor | None = None,
+                  global_seqs: float | Tensor | None = None, norm_length: int | None = None) -> Tensor:
+    """Section 5's agg as per-token weights w (B, T): agg(loss_mat) = sum(loss_mat * w).
 
-
-def _row_sums(x: Tensor, mask: Tensor) -> Tensor:
-    """Per-row sum(x * mask): (B, T), (B, T) -> (B,)."""
-    return torch.bmm(x.unsqueeze(1), mask.unsqueeze(2)).reshape(-1)
-
-
-def agg_loss(loss_mat: Tensor, mask: Tensor, *, agg: str = "token-mean", global_tokens: float | None = None,
-             global_seqs: float | None = None, norm_length: int | None = None) -> Tensor:
-    """Section 5's agg over the tokens where `mask` is set.
-
-    loss_mat: (B, T) float; mask: (B, T) bool or float. Modes:
-    - token-mean: sum / global_tokens (default: this call's mask count);
-    - seq-mean-token-mean: sum over sequences of (the sequence's token mean) / global_seqs;
-    - seq-mean-token-sum: sum / global_seqs;
-    - seq-mean-token-sum-norm: sum / (norm_length or T) / global_seqs (Dr.GRPO).
-    global_seqs defaults to the number of rows with at least one masked token. Returns a 0-d tensor.
+    mask: (B, T) float (1 where a token counts). Modes:
+    - token-mean: mask / global_tokens (default: this call's mask count);
+    - seq-mean-token-mean: mask / (the row's token count) / global_seqs;
+    - seq-mean-token-sum: mask / global_seqs;
+    - seq-mean-token-sum-norm: mask / (norm_length or T) / global_seqs (Dr.GRPO).
+    global_seqs defaults to the number of rows with at least one masked token.
     """
-    mask = mask.to(loss_mat.dtype)
     if agg == "token-mean":
-        denom = global_tokens if global_tokens is not None else mask.sum().clamp(min=1)
-        return _masked_sum(loss_mat, mask) / denom
+        return mask / (global_tokens if global_tokens is not None else mask.sum().clamp(min=1))
     if agg not in LOSS_AGGS:
         raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {', '.join(LOSS_AGGS)}")
     seqs = global_seqs if global_seqs is not None else (mask.sum(-1) > 0).sum().clamp(min=1)
     if agg == "seq-mean-token-mean":
-        return (_row_sums(loss_mat, mask) / mask.sum(-1).clamp(min=1)).sum() / seqs
-    total = _masked_sum(loss_mat, mask)
+        return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * seqs)
     if agg == "seq-mean-token-sum":
-        return total / seqs
-    return total / (norm_length or loss_mat.shape[-1]) / seqs
+        return mask / seqs
+    return mask / ((norm_length or mask.shape[-1]) * seqs)
+
+
+def agg_loss(loss_mat: Tensor, mask: Tensor, *, agg: str = "token-mean", global_tokens: float | None = None,
+             global_seqs: float | None = None, norm_length: int | None = None) -> Tensor:
+    """Section 5's agg over the tokens where `mask` is set: sum(loss_mat * token_weights(mask)).
+
+    loss_mat: (B, T) float; mask: (B, T) bool or float. Returns a 0-d tensor."""
+    weights = token_weights(mask.to(loss_mat.dtype), agg=agg, global_tokens=global_tokens,
+                            global_seqs=global_seqs, norm_length=norm_length)
+    return torch.dot(loss_mat.reshape(-1), weights.reshape(-1))
 
 
 def _or(global_count: float | None, local_count: Tensor) -> Tensor | float:
@@ -91,33 +85,106 @@ def _or(global_count: float | None, local_count: Tensor) -> Tensor | float:
 
 
 # ---------------------------------------------------------------------------------------------
-# per-token terms
+# per-token terms with their derivative in logp
+#
+# The PG and calibration terms are elementwise in logp, so their derivatives are closed forms:
+# computing them with the values (one pass, no graph) and handing them to autograd as a
+# precomputed gradient (`_attach`) costs one multiply in backward, where autograd would replay
+# every elementwise op. `compile_loss_kernels()` fuses each kernel below into one loop.
 
 
-class _PG(NamedTuple):
-    loss: Tensor       # (B, T) per-token dual-clip loss, differentiable
-    ratio: Tensor      # (B, T) rho, detached
-    log_ratio: Tensor  # (B, T) log rho, detached
-    clipped: Tensor    # (B, T) bool, a clip (either side or the dual clip) set the loss: no gradient there
+class _WithGrad(torch.autograd.Function):
+    """`value` attached to `logp` with d value / d logp = `dvalue` given: (B, T) elementwise, or a
+    0-d value with its gradient (B, T). backward: grad_out * dvalue."""
+
+    @staticmethod
+    def forward(ctx, logp: Tensor, value: Tensor, dvalue: Tensor) -> Tensor:
+        ctx.save_for_backward(dvalue)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:
+        (dvalue,) = ctx.saved_tensors
+        return grad_out * dvalue, None, None
 
 
-def _dual_clip(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low: float, clip_high: float,
-               clip_ratio_c: float) -> _PG:
+def _attach(logp: Tensor, value: Tensor, dvalue: Tensor) -> Tensor:
+    return _WithGrad.apply(logp, value, dvalue) if logp.requires_grad and torch.is_grad_enabled() else value
+
+
+def _dual_clip_tokens(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
+                      clip_ratio_c: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Section 3 per token: (loss, d loss / d logp, ratio, log ratio, clipped), each (B, T).
+
+    loss = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)), then min(loss, -A c) where A < 0; its
+    derivative is -A rho (the unclipped branch's own value) where no clip set it (ties included, as
+    the max/min's would be), else 0."""
     log_ratio = logp - old_logp
     ratio = torch.exp(log_ratio)
     neg_adv = -advantages.unsqueeze(-1)
-    unclipped = neg_adv * ratio  # -A rho: the only branch with a gradient
-    with torch.no_grad():
-        # value of max(-A rho, -A clip(rho)) then min(., -A c) for A < 0, in place on one buffer
-        value = ratio.detach().clamp(1.0 - clip_low, 1.0 + clip_high).mul_(neg_adv)
-        torch.maximum(value, unclipped, out=value)
-        cap = torch.where(advantages < 0, -advantages * clip_ratio_c,
-                          torch.full_like(advantages, float("inf")))
-        torch.minimum(value, cap.unsqueeze(-1), out=value)
-        clipped = value != unclipped
-    # where() keeps -A rho's gradient where no clip is active (ties included, as the max/min would)
-    loss = torch.where(clipped, value, unclipped)
-    return _PG(loss, ratio.detach(), log_ratio.detach(), clipped)
+    unclipped = ratio * neg_adv
+    value = torch.maximum(ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * neg_adv, unclipped)
+    cap = torch.where(advantages < 0, -advantages * clip_ratio_c, torch.full_like(advantages, float("inf")))
+    value = torch.minimum(value, cap.unsqueeze(-1))
+    clipped = value != unclipped
+    # a product, not where(): a NaN (say, a NaN advantage) reaches the gradient, as autograd's would,
+    # so the learner's non-finite check sees it
+    return value, unclipped * ~clipped, ratio, log_ratio, clipped
+
+
+def _calibration_tokens(logp: Tensor, baseline_logp: Tensor, scale: Tensor,
+                        alpha: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Section 4 per token, with scale = -s |A| (B, 1): (g = LeakyReLU(u), d g / d logp, u > 0, gap),
+    u = scale * gap, gap = logp - b; |A| LeakyReLU(z) = LeakyReLU(|A| z) as |A| >= 0."""
+    gap = logp - baseline_logp
+    u = gap * scale
+    full = u > 0
+    return torch.where(full, u, alpha * u), torch.where(full, scale, alpha * scale), full, gap
+
+
+def _pg_kernel(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, weights: Tensor,
+               clip_low: float, clip_high: float, clip_ratio_c: float,
+               diagnostics: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """The weighted dual-clip PG: (d loss / d logp (B, T), sums). mask: (B, T) float, the loss
+    tokens; weights: their aggregation weights. sums: loss, clipped_rows (B,), dual, kl (k3 of old
+    vs current: 1/rho - 1 + log rho), grad_sq (with diagnostics)."""
+    value, dvalue, ratio, log_ratio, clipped = _dual_clip_tokens(logp, old_logp, advantages, clip_low,
+                                                                  clip_high, clip_ratio_c)
+    dual_at = torch.where(advantages < 0, clip_ratio_c, float("inf")).unsqueeze(-1)
+    grad = dvalue * weights
+    sums = {"loss": (value * weights).sum(), "clipped_rows": (clipped * mask).sum(-1),
+            "dual": ((ratio > dual_at) * mask).sum(),
+            "kl": ((ratio.reciprocal() - 1.0 + log_ratio) * mask).sum()}
+    if diagnostics:
+        sums["grad_sq"] = grad.square().sum()
+    return grad, sums
+
+
+def _calibrl_kernel(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, weights: Tensor,
+                    baseline_logp: Tensor, scale: Tensor, with_expert: Tensor, clip_low: float,
+                    clip_high: float, clip_ratio_c: float, alpha: float, lam: float,
+                    diagnostics: bool) -> tuple[Tensor, dict[str, Tensor]]:
+    """PG + lam x calibration term: (d loss / d logp, sums); `_pg_kernel`'s sums plus calib, full
+    (tokens on the slope-1 branch) and gap (sum of logp - b over tokens with an expert)."""
+    grad_pg, sums = _pg_kernel(logp, old_logp, advantages, mask, weights, clip_low, clip_high, clip_ratio_c,
+                               diagnostics)
+    value, dvalue, full, gap = _calibration_tokens(logp, baseline_logp, scale, alpha)
+    grad_calib = dvalue * (lam * weights)
+    sums |= {"calib": (value * weights).sum(), "full": (full * mask).sum(),
+             "gap": (gap * (mask * with_expert)).sum()}
+    if diagnostics:
+        sums["grad_sq_calib"] = grad_calib.square().sum()
+    return grad_pg + grad_calib, sums
+
+
+_KERNELS = {"pg": _pg_kernel, "calibrl": _calibrl_kernel}
+
+
+def compile_loss_kernels(enabled: bool = True) -> None:
+    """Run the PG and CalibRL kernels through `torch.compile` (one fused loop each; dynamic shapes),
+    or back in eager mode. Compiling costs seconds on the first call of each process."""
+    _KERNELS["pg"] = torch.compile(_pg_kernel, dynamic=True) if enabled else _pg_kernel
+    _KERNELS["calibrl"] = torch.compile(_calibrl_kernel, dynamic=True) if enabled else _calibrl_kernel
 
 
 def dual_clip_pg(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low: float = 0.2,
@@ -125,22 +192,18 @@ def dual_clip_pg(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low
     """Section 3: per-token dual-clip PPO loss.
 
     logp, old_logp: (B, T); advantages: (B,). Returns (loss (B, T), ratio (B, T)) with
-    l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)), then min(l, -A c) where A < 0. The value
-    is computed without a graph and the gradient flows through -A rho where no clip is active: the
-    gradient of the max/min expression, without the cost of their backward passes.
+    l = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)), then min(l, -A c) where A < 0; the
+    gradient flows through -A rho where no clip is active.
     """
-    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
-                    clip_ratio_c=clip_ratio_c)
-    return pg.loss, pg.ratio
+    with torch.no_grad():
+        value, dvalue, ratio, _, _ = _dual_clip_tokens(logp, old_logp, advantages, clip_low, clip_high,
+                                                       clip_ratio_c)
+    return _attach(logp, value, dvalue), ratio
 
 
-def _calibration_parts(logp: Tensor, baseline_logp: Tensor, advantages: Tensor, passed: Tensor, *,
-                       alpha: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(g, u = -s |A| d, d = logp - b), each (B, T); |A| LeakyReLU(z) = LeakyReLU(|A| z) as |A| >= 0."""
-    gap = logp - baseline_logp
-    scale = torch.where(passed, -advantages.abs(), advantages.abs())  # -s |A|
-    u = gap * scale.unsqueeze(-1)
-    return F.leaky_relu(u, negative_slope=alpha), u, gap
+def _calibration_scale(advantages: Tensor, passed: Tensor) -> Tensor:
+    """-s |A| as (B, 1): s = +1 on passing rows, -1 on failing ones."""
+    return torch.where(passed, -advantages.abs(), advantages.abs()).unsqueeze(-1)
 
 
 def calibration_term(logp: Tensor, baseline_logp: Tensor, advantages: Tensor, passed: Tensor, *,
@@ -150,7 +213,10 @@ def calibration_term(logp: Tensor, baseline_logp: Tensor, advantages: Tensor, pa
     logp: (B, T); baseline_logp: (B, T) (token baseline) or (B, 1) (sequence baseline), detached;
     advantages: (B,); passed: (B,) bool. Returns (B, T).
     """
-    return _calibration_parts(logp, baseline_logp, advantages, passed, alpha=alpha)[0]
+    with torch.no_grad():
+        value, dvalue, _, _ = _calibration_tokens(logp, baseline_logp, _calibration_scale(advantages, passed),
+                                                  alpha)
+    return _attach(logp, value, dvalue.expand_as(value))
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -163,37 +229,16 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
 # tensor-level losses
 
 
-def _gradient_shares(logp: Tensor, terms: dict[str, Tensor]) -> dict[str, Tensor]:
-    """{"grad_sq_<term>"}: the squared norm of each loss term's gradient with respect to the token
-    log-probs (B, T), a cheap proxy for its share of the weight gradient (one backward through the
-    loss expression only, not the model). Squared norms over disjoint tokens add up over
-    micro-batches and shards; `calibrl.algo.metrics.gradient_shares` turns them into shares."""
-    if not logp.requires_grad:
-        return {}
-    out = {}
-    for name, term in terms.items():
-        (grad,) = torch.autograd.grad(term, logp, retain_graph=True, allow_unused=True)
-        out[f"grad_sq_{name}"] = grad.pow(2).sum().detach() if grad is not None else logp.new_zeros(())
-    return out
-
-
-def _pg_metrics(pg: _PG, advantages: Tensor, mask_b: Tensor, maskf: Tensor, num_tokens: Tensor,
-                denom: Tensor | float, *, clip_ratio_c: float) -> dict[str, Tensor]:
-    """Clip fractions and k3 KL over masked tokens, divided by `denom` (no grad).
-
-    mask_b / maskf: the loss mask as bool / float; num_tokens: its count."""
-    clipped_per_row = torch.logical_and(pg.clipped, mask_b).sum(-1).to(maskf.dtype)
-    positive, negative = (advantages > 0).to(maskf.dtype), (advantages < 0).to(maskf.dtype)
-    dual_threshold = torch.where(advantages < 0, torch.full_like(advantages, clip_ratio_c),
-                                 torch.full_like(advantages, float("inf")))
-    dual = torch.count_nonzero(torch.gt(pg.ratio, dual_threshold.unsqueeze(-1)).logical_and_(mask_b))
-    # k3(old vs current) per token = 1/rho - 1 + log rho
-    kl_sum = _masked_sum(torch.reciprocal(pg.ratio), maskf) - num_tokens + _masked_sum(pg.log_ratio, maskf)
+def _pg_metrics(sums: dict[str, Tensor], advantages: Tensor, num_tokens: Tensor,
+                denom: Tensor | float) -> dict[str, Tensor]:
+    """Clip fractions and k3 KL over the loss tokens, from a kernel's sums, divided by `denom`."""
+    clipped_rows = sums["clipped_rows"]
+    positive, negative = (advantages > 0).to(clipped_rows.dtype), (advantages < 0).to(clipped_rows.dtype)
     return {
-        "pg_clipfrac_upper": torch.dot(clipped_per_row, positive) / denom,  # A > 0 clips only above
-        "pg_clipfrac_lower": (torch.dot(clipped_per_row, negative) - dual) / denom,
-        "dual_clip_frac": dual / denom,
-        "approx_kl": kl_sum / denom,
+        "pg_clipfrac_upper": torch.dot(clipped_rows, positive) / denom,  # A > 0 clips only above
+        "pg_clipfrac_lower": (torch.dot(clipped_rows, negative) - sums["dual"]) / denom,
+        "dual_clip_frac": sums["dual"] / denom,
+        "approx_kl": sums["kl"] / denom,
     }
 
 
@@ -205,21 +250,21 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: 
 
     logp, old_logp: (B, T) float; response_mask: (B, T) bool; advantages: (B,) float; is_expert:
     (B,) bool (expert rows are ignored). The methods differ only in advantages (std or not), agg
-    and clip_high, which the caller passes. Returns (loss 0-d, metrics).
+    and clip_high, which the caller passes. Returns (loss 0-d, metrics); with `diagnostics`,
+    grad_sq_pg, the squared norm of the loss's gradient in logp (see `calibrl_loss`).
     """
-    mask_b = response_mask & ~is_expert.unsqueeze(-1)
-    mask = mask_b.to(logp.dtype)
-    num_tokens = mask_b.sum().to(logp.dtype)
-    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
-                    clip_ratio_c=clip_ratio_c)
-    loss = agg_loss(pg.loss, mask, agg=agg, global_tokens=_or(global_tokens, num_tokens),
-                    global_seqs=global_seqs, norm_length=norm_length)
-    metrics = _gradient_shares(logp, {"pg": loss}) if diagnostics else {}
+    mask = (response_mask & ~is_expert.unsqueeze(-1)).to(logp.dtype)
+    num_tokens = mask.sum()
+    denom = _or(global_tokens, num_tokens)
+    weights = token_weights(mask, agg=agg, global_tokens=denom, global_seqs=global_seqs,
+                            norm_length=norm_length)
     with torch.no_grad():
-        metrics["pg_loss"] = loss.detach()
-        metrics.update(_pg_metrics(pg, advantages, mask_b, mask, num_tokens, _or(global_tokens, num_tokens),
-                                   clip_ratio_c=clip_ratio_c))
-    return loss, metrics
+        grad, sums = _KERNELS["pg"](logp.detach(), old_logp, advantages, mask, weights, clip_low, clip_high,
+                                    clip_ratio_c, diagnostics)
+        metrics = {"pg_loss": sums["loss"]} | _pg_metrics(sums, advantages, num_tokens, denom)
+        if diagnostics:
+            metrics["grad_sq_pg"] = sums["grad_sq"]
+    return _attach(logp, sums["loss"], grad), metrics
 
 
 def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor,
@@ -248,11 +293,13 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
     current), calib_branch_full_frac / calib_branch_alpha_frac (fractions of on-policy tokens on
     the slope-1 / slope-alpha branch; tokens with A = 0 or no expert are on neither),
     expert_policy_gap (sum of b_t - logp_t over on-policy tokens with an expert, per on-policy token);
-    with `diagnostics`, grad_sq_pg / grad_sq_calib (see `_gradient_shares`).
+    with `diagnostics`, grad_sq_pg / grad_sq_calib: the squared norms of the two terms' gradients in
+    logp (B, T), a cheap proxy for their shares of the weight gradient (squared norms over disjoint
+    tokens add up over micro-batches and shards; `calibrl.algo.metrics.gradient_shares` turns them
+    into shares).
     """
-    mask_b = response_mask & ~is_expert.unsqueeze(-1)
-    mask = mask_b.to(logp.dtype)
-    tokens_per_row = mask_b.sum(-1).to(logp.dtype)
+    mask = (response_mask & ~is_expert.unsqueeze(-1)).to(logp.dtype)
+    tokens_per_row = mask.sum(-1)
     num_tokens = tokens_per_row.sum()
     if baseline == "token":
         b = expert_old_logp
@@ -265,33 +312,30 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
     if calib_weight not in CALIB_WEIGHTS or no_expert_baseline not in NO_EXPERT_BASELINES:
         raise ValueError(f"calib_weight={calib_weight!r} (choose {CALIB_WEIGHTS}), no_expert_baseline="
                          f"{no_expert_baseline!r} (choose {NO_EXPERT_BASELINES})")
-    # |A_i| (or 1) on the rows where the term acts; _calibration_parts takes |.| of it
+    # |A_i| (or 1) on the rows where the term acts
     calib_adv = advantages.abs() if calib_weight == "abs_advantage" else torch.ones_like(advantages)
     if has_expert is not None and no_expert_baseline == "none":
         calib_adv = calib_adv * has_expert.to(advantages.dtype)
-
-    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
-                    clip_ratio_c=clip_ratio_c)
-    calib, u, gap = _calibration_parts(logp, b, calib_adv, passed, alpha=alpha)
-    norms = {"agg": agg, "global_tokens": _or(global_tokens, num_tokens), "global_seqs": global_seqs,
-             "norm_length": norm_length}
-    pg_loss = agg_loss(pg.loss, mask, **norms)
-    calib_loss = agg_loss(calib, mask, **norms)
-    loss = pg_loss + lam * calib_loss
-    metrics = _gradient_shares(logp, {"pg": pg_loss, "calib": lam * calib_loss}) if diagnostics else {}
+    with_expert = mask.new_ones((mask.shape[0], 1)) if has_expert is None else \
+        has_expert.to(mask.dtype).unsqueeze(-1)
+    denom = _or(global_tokens, num_tokens)
+    weights = token_weights(mask, agg=agg, global_tokens=denom, global_seqs=global_seqs,
+                            norm_length=norm_length)
 
     with torch.no_grad():
-        denom = _or(global_tokens, num_tokens)
-        metrics |= {"pg_loss": pg_loss.detach(), "calib_loss": calib_loss.detach()}
-        metrics.update(_pg_metrics(pg, advantages, mask_b, mask, num_tokens, denom,
-                                   clip_ratio_c=clip_ratio_c))
+        scale = _calibration_scale(calib_adv, passed)
+        grad, sums = _KERNELS["calibrl"](logp.detach(), old_logp, advantages, mask, weights, b, scale,
+                                         with_expert, clip_low, clip_high, clip_ratio_c, alpha, lam,
+                                         diagnostics)
+        metrics = {"pg_loss": sums["loss"], "calib_loss": sums["calib"]}
+        metrics |= _pg_metrics(sums, advantages, num_tokens, denom)
         acting = (calib_adv != 0).to(mask.dtype)  # rows where the term acts (|A| > 0, an expert)
-        full = torch.count_nonzero(torch.gt(u, 0).logical_and_(mask_b))
-        metrics["calib_branch_full_frac"] = full / denom
-        metrics["calib_branch_alpha_frac"] = (torch.dot(tokens_per_row, acting) - full) / denom
-        with_expert = mask.new_ones(()) if has_expert is None else has_expert.to(mask.dtype)
-        metrics["expert_policy_gap"] = -(_row_sums(gap.detach(), mask) * with_expert).sum() / denom
-    return loss, metrics
+        metrics["calib_branch_full_frac"] = sums["full"] / denom
+        metrics["calib_branch_alpha_frac"] = (torch.dot(tokens_per_row, acting) - sums["full"]) / denom
+        metrics["expert_policy_gap"] = -sums["gap"] / denom
+        if diagnostics:
+            metrics |= {"grad_sq_pg": sums["grad_sq"], "grad_sq_calib": sums["grad_sq_calib"]}
+    return _attach(logp, sums["loss"] + lam * sums["calib"], grad), metrics
 
 
 def sft_loss(logp: Tensor, response_mask: Tensor, is_expert: Tensor, *, agg: str = "token-mean",
@@ -311,24 +355,23 @@ def _mixed_policy_loss(expert_token_loss: Tensor, logp: Tensor, old_logp: Tensor
                        norm_length: int | None) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped PG on on-policy rows + a given per-token loss on expert rows, one shared normaliser."""
     expert_b = is_expert.unsqueeze(-1)
-    on_b = response_mask & ~expert_b
-    off_b = response_mask & expert_b
-    on_mask, off_mask = on_b.to(logp.dtype), off_b.to(logp.dtype)
-    pg = _dual_clip(logp, old_logp, advantages, clip_low=clip_low, clip_high=clip_high,
-                    clip_ratio_c=clip_ratio_c)
-    num_on = on_b.sum().to(logp.dtype)
+    on_mask = (response_mask & ~expert_b).to(logp.dtype)
+    off_mask = (response_mask & expert_b).to(logp.dtype)
+    num_on = on_mask.sum()
     # one normaliser for both parts: all loss tokens (sequences) of this call unless given
-    global_tokens = _or(global_tokens, num_on + off_b.sum())
+    global_tokens = _or(global_tokens, num_on + off_mask.sum())
     global_seqs = _or(global_seqs, response_mask.any(-1).sum())
     norms = {"agg": agg, "global_tokens": global_tokens, "global_seqs": global_seqs,
              "norm_length": norm_length}
-    on_loss = agg_loss(pg.loss, on_mask, **norms)
+    weights = token_weights(on_mask, **norms)
+    with torch.no_grad():
+        grad, sums = _KERNELS["pg"](logp.detach(), old_logp, advantages, on_mask, weights, clip_low,
+                                    clip_high, clip_ratio_c, False)
     off_loss = agg_loss(expert_token_loss, off_mask, **norms)
     with torch.no_grad():
-        metrics = {"pg_loss": on_loss.detach(), "expert_pg_loss": off_loss.detach()}
-        metrics.update(_pg_metrics(pg, advantages, on_b, on_mask, num_on, global_tokens,
-                                   clip_ratio_c=clip_ratio_c))
-    return on_loss + off_loss, metrics
+        metrics = {"pg_loss": sums["loss"], "expert_pg_loss": off_loss.detach()}
+        metrics.update(_pg_metrics(sums, advantages, num_on, global_tokens))
+    return _attach(logp, sums["loss"], grad) + off_loss, metrics
 
 
 def luffy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor,

@@ -370,3 +370,45 @@ def test_clip_fraction_metrics_hand_worked():
     assert m["dual_clip_frac"].item() == pytest.approx(1 / 5)
     k3 = [1 / r - 1 + math.log(r) for r in (1.5, 1.0, 0.5, 5.0, 1.0)]
     assert m["approx_kl"].item() == pytest.approx(sum(k3) / 5)
+
+
+def test_compiled_kernels_match_eager():
+    """`compile_loss_kernels()` fuses the PG and CalibRL kernels: same loss, gradient and metrics."""
+    from calibrl.algo import compile_loss_kernels
+
+    batch = random_batch(6, seed=5)
+    logp0 = (batch.old_logp + 0.4 * torch.randn(batch.old_logp.shape,
+                                                generator=torch.Generator().manual_seed(5))).clamp(max=-1e-3)
+
+    def run(name):
+        logp = logp0.clone().requires_grad_()
+        loss, metrics = compute_loss(name, logp, batch, agg="seq-mean-token-mean",
+                                     diagnostics=name == "calibrl")
+        loss.backward()
+        return loss.detach(), logp.grad, metrics
+
+    eager = {name: run(name) for name in ("calibrl", "grpo", "luffy")}
+    compile_loss_kernels()
+    try:
+        fused = {name: run(name) for name in eager}
+    finally:
+        compile_loss_kernels(False)
+    for name, (loss, grad, metrics) in eager.items():
+        f_loss, f_grad, f_metrics = fused[name]
+        assert grad.abs().sum() > 0
+        torch.testing.assert_close(f_loss, loss, msg=name)
+        torch.testing.assert_close(f_grad, grad, msg=name)
+        assert f_metrics.keys() == metrics.keys()
+        for key in metrics:
+            torch.testing.assert_close(f_metrics[key], metrics[key], msg=f"{name} {key}")
+
+
+def test_a_nan_advantage_reaches_the_gradient():
+    """As autograd's would: the learner's non-finite check must see it and skip the update."""
+    batch = random_batch(4, seed=6)
+    batch.advantages[0] = float("nan")
+    for name in ("grpo", "calibrl"):
+        logp = batch.old_logp.clone().requires_grad_()
+        loss, _ = compute_loss(name, logp, batch)
+        loss.backward()
+        assert torch.isnan(loss) and torch.isnan(logp.grad).any(), name

@@ -71,8 +71,10 @@ def test_three_steps_end_to_end(ray_local, tiny_models, data_dir, tmp_path):
                     "train/approx_kl", "policy/expert_minus_policy_logp", "time/rollout_s", "time/train_s",
                     "time/sync_s", "perf/tokens_per_s", "weights/staleness_max"):
             assert key in r, key
-        # the learner recomputes exactly what vLLM sampled from (same weights, inputs and temperature)
+        # the learner recomputes exactly what vLLM sampled from (same weights, inputs and temperature),
+        # chunk by chunk while the step generated, each row landing where it belongs
         assert r["policy/rollout_vs_learner_logp_gap"] < 1e-3
+        assert r["perf/logprobs_streamed"] == 1.0
     assert info["weights_version"] == trainer.version == 3  # the engine serves the last update
     evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     assert [e["step"] for e in evals] == [0, 3] and "val/pass_at_k" in evals[-1]
@@ -129,6 +131,7 @@ def test_dynamic_sampling_refills_the_batch(ray_local, tiny_models, data_dir, tm
     for r in steps.values():
         if not r.get("sampling/skipped_step"):
             assert 1 <= r["calib/groups"] <= 2  # only informative groups were kept
+            assert r["perf/logprobs_streamed"] == 0.0  # the batch is known only at the end
             assert r["groups/all_fail_frac"] > 0 or r["sampling/rounds"] == 1
 
 
