@@ -7,12 +7,15 @@ GRPO on both sides: 8 prompts x 8 completions of up to 64 tokens per step, one o
 step, lr 1e-6, no KL, the prompts of the demo's synthetic task scored by
 benchmarks/rewards.py:odd_length, which a random model earns half the time, so both sides train on
 every step (with the task's own reward a random model earns nothing, and calibrl would skip its
-updates). calibrl
-runs its own pipeline (vLLM CPU engine, DeepSpeed learner, verifier actor, weight transfer); TRL runs
-GRPOTrainer as it comes (transformers generation, no vLLM) on the same cores. Each side runs one
-warm-up step and then `--steps` timed steps; the table gives the median step time and completions per
-second and their ratio, measured in this one run. It also prints the peak resident memory of every
-calibrl actor process.
+updates). calibrl runs its own pipeline (vLLM CPU engine, DeepSpeed learner, verifier actor, weight
+transfer); TRL runs GRPOTrainer as it comes (transformers generation, no vLLM) on the same cores.
+Both sides use every core in every phase: TRL's one process runs torch on all of them; calibrl's
+engine and learner each get all of them too (`rollout.num_cpus_per_worker` =
+`learner.num_cpus_per_learner` = the core count; Ray sets each actor's OMP threads to its CPUs),
+which is how to run calibrl on one small box whose phases mostly take turns (synchronous steps).
+Each side runs one warm-up step and then `--steps` timed steps; the table gives the median step time
+and completions per second and their ratio, measured in this one run. It also prints the peak
+resident memory of every calibrl actor process.
 
 TRL is installed only in the benchmark's own environment, benchmarks/.venv-trl, made on first use
 (`pip install trl==1.16.0 accelerate datasets`; it reuses this venv's torch and transformers through
@@ -100,7 +103,8 @@ def run_calibrl(model: str, data: dict[str, str], out: str, steps: int) -> dict:
         f"learner.mini_batch_prompts={PROMPTS}", "learner.micro_batch_per_device=16", "learner.lr=1e-6",
         f"trainer.total_steps={steps + 1}", "trainer.eval_max_prompts=1", "trainer.eval_pass_k=0",
         "trainer.eval_every_steps=0", "trainer.save_every_steps=0", f"trainer.output_dir={out}",
-        "trainer.resume=never", "verifier.reward_function=benchmarks.rewards:odd_length"])
+        "trainer.resume=never", "verifier.reward_function=benchmarks.rewards:odd_length",
+        f"rollout.num_cpus_per_worker={os.cpu_count()}", f"learner.num_cpus_per_learner={os.cpu_count()}"])
     trainer = Trainer(cfg)
     try:
         trainer.fit()
