@@ -12,7 +12,9 @@ transfer); TRL runs GRPOTrainer as it comes (transformers generation, no vLLM) o
 Both sides use every core in every phase: TRL's one process runs torch on all of them; calibrl's
 engine and learner each get all of them too (`rollout.num_cpus_per_worker` =
 `learner.num_cpus_per_learner` = the core count; Ray sets each actor's OMP threads to its CPUs),
-which is how to run calibrl on one small box whose phases mostly take turns (synchronous steps).
+and their phases take turns (`trainer.stream_logprobs=false`: streamed old log-probs would run the
+learner's threads against the engine's on the same cores, and two busy OpenMP teams on 2 cores
+made a tiny-model step 30x slower). That is how to run calibrl on one small box.
 Each side runs one warm-up step and then `--steps` timed steps; the table gives the median step time
 and completions per second and their ratio, measured in this one run. It also prints the peak
 resident memory of every calibrl actor process.
@@ -104,7 +106,8 @@ def run_calibrl(model: str, data: dict[str, str], out: str, steps: int) -> dict:
         f"trainer.total_steps={steps + 1}", "trainer.eval_max_prompts=1", "trainer.eval_pass_k=0",
         "trainer.eval_every_steps=0", "trainer.save_every_steps=0", f"trainer.output_dir={out}",
         "trainer.resume=never", "verifier.reward_function=benchmarks.rewards:odd_length",
-        f"rollout.num_cpus_per_worker={os.cpu_count()}", f"learner.num_cpus_per_learner={os.cpu_count()}"])
+        f"rollout.num_cpus_per_worker={os.cpu_count()}", f"learner.num_cpus_per_learner={os.cpu_count()}",
+        "trainer.stream_logprobs=false"])
     trainer = Trainer(cfg)
     try:
         trainer.fit()
