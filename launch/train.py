@@ -109,6 +109,7 @@ class Trainer:
             ckpt.restore_expert_additions(self.resume_from, self.experts_dir)
 
         # actors, named for the Ray dashboard; every role is built from the config the same way
+        contended = oversubscribed(c)
         connect_ray(c.trainer.ray_address, num_cpus=max(os.cpu_count() or 1, needed_cpus(c)),
                     quiet=c.trainer.log_level != "debug")
         self.rollout = RolloutWorker.from_config(c)
@@ -117,6 +118,12 @@ class Trainer:
         self.learners = Learner.from_config(c)
         self.method = METHODS[c.algorithm.name]
         self.progress = Progress()
+        if contended:
+            self.progress.line(
+                "[calibrl] warning: trainer.stream_logprobs runs the engines and the learners at once, and "
+                f"their threads (rollout.num_cpus_per_worker, learner.num_cpus_per_learner) outnumber this "
+                f"machine's {os.cpu_count()} cores: their thread pools will contend (a step of the tiny "
+                "model took 25x longer). Set trainer.stream_logprobs=false, or fewer CPUs per actor.")
         self.stream = RolloutStream(c, sampler=self.sampler, rollout_workers=self.rollout,
                                     verifiers=self.verifiers, experts=self.experts,
                                     pad_token_id=self.tokenizer.pad_token_id, recover=self.recover_engines,
@@ -601,6 +608,16 @@ class Trainer:
         while time.time() < deadline and ours & {a["name"]
                                                  for a in ray.util.list_named_actors(all_namespaces=True)}:
             time.sleep(0.2)
+
+
+def oversubscribed(cfg: Config) -> bool:
+    """A local run whose engines and learners, working at once (streamed old log-probs), would hold
+    more threads than the machine has cores (Ray gives each actor as many threads as its CPUs)."""
+    r, ln = cfg.rollout, cfg.learner
+    per_engine, per_learner = max(1, int(r.num_cpus_per_worker)), max(1, int(ln.num_cpus_per_learner))
+    threads = r.num_workers * per_engine + ln.num_learners * per_learner
+    return (cfg.trainer.stream_logprobs and cfg.trainer.ray_address is None and not ray.is_initialized()
+            and max(per_engine, per_learner) > 1 and threads > (os.cpu_count() or 1))
 
 
 def train(cfg: Config) -> dict:

@@ -57,3 +57,20 @@ def test_rows_no_chunk_scored_mean_scoring_the_batch_whole():
     parts, _ = scored_chunks(groups, [2, 2])  # the last group's chunk is missing
     assert place_rows(parts, batch) is None
     assert place_rows([], batch) is None
+
+
+def test_streaming_with_multi_threaded_actors_beyond_the_cores_is_flagged(monkeypatch):
+    import ray
+
+    from calibrl.config import load_config
+    from launch.train import oversubscribed
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr("os.cpu_count", lambda: 2)
+    cfg = load_config(None, ["rollout.num_cpus_per_worker=2", "learner.num_cpus_per_learner=2"])
+    assert oversubscribed(cfg)
+    cfg.trainer.stream_logprobs = False  # the phases take turns
+    assert not oversubscribed(cfg)
+    single = load_config(None, ["rollout.num_workers=2", "learner.num_learners=2",
+                                "rollout.num_cpus_per_worker=0.5", "learner.num_cpus_per_learner=0.5"])
+    assert not oversubscribed(single)  # one thread each: time-shared, no spinning teams
