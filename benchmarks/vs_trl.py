@@ -9,12 +9,13 @@ benchmarks/rewards.py:odd_length, which a random model earns half the time, so b
 every step (with the task's own reward a random model earns nothing, and calibrl would skip its
 updates). calibrl runs its own pipeline (vLLM CPU engine, DeepSpeed learner, verifier actor, weight
 transfer); TRL runs GRPOTrainer as it comes (transformers generation, no vLLM) on the same cores.
-Both sides use every core in every phase: TRL's one process runs torch on all of them; calibrl's
-engine and learner each get all of them too (`rollout.num_cpus_per_worker` =
-`learner.num_cpus_per_learner` = the core count; Ray sets each actor's OMP threads to its CPUs),
-and their phases take turns (`trainer.stream_logprobs=false`: streamed old log-probs would run the
-learner's threads against the engine's on the same cores, and two busy OpenMP teams on 2 cores
-made a tiny-model step 25x slower, 68 s against 2.8 s). That is how to run calibrl on one small box.
+Both sides use the whole machine. TRL's one process runs torch on every core. calibrl runs as one
+would configure it for each size: the tiny model with the defaults (one thread each for the engine
+and the learner, old log-probs streamed during generation: threads cost more than they give at that
+size); the ~56M model with every core for the engine and for the learner (`rollout.num_cpus_per_worker`
+= `learner.num_cpus_per_learner` = the core count; Ray sets each actor's OMP threads to its CPUs)
+and phases that take turns (`trainer.stream_logprobs=false`: streamed old log-probs would run two
+busy OpenMP teams on the same cores, which made a tiny-model step 25x slower, 68 s against 2.8 s).
 Each side runs one warm-up step and then `--steps` timed steps; the table gives the median step time
 and completions per second and their ratio, measured in this one run. It also prints the peak
 resident memory of every calibrl actor process.
@@ -46,6 +47,10 @@ TRL_ENV = ROOT / "benchmarks" / ".venv-trl"
 TRL_PACKAGES = ["trl==1.16.0", "accelerate", "datasets"]
 PROMPTS, COMPLETIONS, MAX_TOKENS = 8, 8, 64
 MODELS = {"tiny": None, "~56M": {"hidden_size": 512, "num_layers": 8, "intermediate_size": 1408}}
+ALL_CORES = [f"rollout.num_cpus_per_worker={os.cpu_count()}",
+             f"learner.num_cpus_per_learner={os.cpu_count()}", "trainer.stream_logprobs=false"]
+CALIBRL_SETTINGS = {"tiny": [], "~56M": ALL_CORES}
+"""calibrl's thread settings per model (see the module docstring)."""
 
 
 def trl_python() -> str:
@@ -88,7 +93,7 @@ def parameter_count(path: str) -> int:
 # ---- calibrl ----------------------------------------------------------------------------------------------
 
 
-def run_calibrl(model: str, data: dict[str, str], out: str, steps: int) -> dict:
+def run_calibrl(model: str, data: dict[str, str], out: str, steps: int, settings: list[str]) -> dict:
     import ray
 
     from calibrl.config import load_config
@@ -105,9 +110,7 @@ def run_calibrl(model: str, data: dict[str, str], out: str, steps: int) -> dict:
         f"learner.mini_batch_prompts={PROMPTS}", "learner.micro_batch_per_device=16", "learner.lr=1e-6",
         f"trainer.total_steps={steps + 1}", "trainer.eval_max_prompts=1", "trainer.eval_pass_k=0",
         "trainer.eval_every_steps=0", "trainer.save_every_steps=0", f"trainer.output_dir={out}",
-        "trainer.resume=never", "verifier.reward_function=benchmarks.rewards:odd_length",
-        f"rollout.num_cpus_per_worker={os.cpu_count()}", f"learner.num_cpus_per_learner={os.cpu_count()}",
-        "trainer.stream_logprobs=false"])
+        "trainer.resume=never", "verifier.reward_function=benchmarks.rewards:odd_length", *settings])
     trainer = Trainer(cfg)
     try:
         trainer.fit()
@@ -224,7 +227,8 @@ def main() -> None:
     for name in names:
         params = parameter_count(models[name])
         print(f"[vs_trl] {name} ({params / 1e6:.1f}M parameters): calibrl ...", flush=True)
-        c = run_calibrl(models[name], data, os.path.join(tmp, f"calibrl-{name}"), args.steps)
+        c = run_calibrl(models[name], data, os.path.join(tmp, f"calibrl-{name}"), args.steps,
+                        CALIBRL_SETTINGS[name])
         print(f"[vs_trl] {name}: TRL ...", flush=True)
         t = run_trl(models[name], prompts, answers, os.path.join(tmp, f"trl-{name}"), args.steps)
         results[name] = (params, c, t)
