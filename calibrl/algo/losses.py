@@ -216,7 +216,7 @@ def calibration_term(logp: Tensor, baseline_logp: Tensor, advantages: Tensor, pa
     with torch.no_grad():
         value, dvalue, _, _ = _calibration_tokens(logp, baseline_logp, _calibration_scale(advantages, passed),
                                                   alpha)
-    return _attach(logp, value, dvalue.expand_as(value))
+    return _attach(logp, value, dvalue)
 
 
 def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
@@ -229,8 +229,7 @@ def k3_kl(logp: Tensor, ref_logp: Tensor) -> Tensor:
 # tensor-level losses
 
 
-def _pg_metrics(sums: dict[str, Tensor], advantages: Tensor, num_tokens: Tensor,
-                denom: Tensor | float) -> dict[str, Tensor]:
+def _pg_metrics(sums: dict[str, Tensor], advantages: Tensor, denom: Tensor | float) -> dict[str, Tensor]:
     """Clip fractions and k3 KL over the loss tokens, from a kernel's sums, divided by `denom`."""
     clipped_rows = sums["clipped_rows"]
     positive, negative = (advantages > 0).to(clipped_rows.dtype), (advantages < 0).to(clipped_rows.dtype)
@@ -261,7 +260,7 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: 
     with torch.no_grad():
         grad, sums = _KERNELS["pg"](logp.detach(), old_logp, advantages, mask, weights, clip_low, clip_high,
                                     clip_ratio_c, diagnostics)
-        metrics = {"pg_loss": sums["loss"]} | _pg_metrics(sums, advantages, num_tokens, denom)
+        metrics = {"pg_loss": sums["loss"]} | _pg_metrics(sums, advantages, denom)
         if diagnostics:
             metrics["grad_sq_pg"] = sums["grad_sq"]
     return _attach(logp, sums["loss"], grad), metrics
@@ -328,7 +327,7 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
                                          with_expert, clip_low, clip_high, clip_ratio_c, alpha, lam,
                                          diagnostics)
         metrics = {"pg_loss": sums["loss"], "calib_loss": sums["calib"]}
-        metrics |= _pg_metrics(sums, advantages, num_tokens, denom)
+        metrics |= _pg_metrics(sums, advantages, denom)
         acting = (calib_adv != 0).to(mask.dtype)  # rows where the term acts (|A| > 0, an expert)
         metrics["calib_branch_full_frac"] = sums["full"] / denom
         metrics["calib_branch_alpha_frac"] = (torch.dot(tokens_per_row, acting) - sums["full"]) / denom
@@ -357,9 +356,8 @@ def _mixed_policy_loss(expert_token_loss: Tensor, logp: Tensor, old_logp: Tensor
     expert_b = is_expert.unsqueeze(-1)
     on_mask = (response_mask & ~expert_b).to(logp.dtype)
     off_mask = (response_mask & expert_b).to(logp.dtype)
-    num_on = on_mask.sum()
     # one normaliser for both parts: all loss tokens (sequences) of this call unless given
-    global_tokens = _or(global_tokens, num_on + off_mask.sum())
+    global_tokens = _or(global_tokens, on_mask.sum() + off_mask.sum())
     global_seqs = _or(global_seqs, response_mask.any(-1).sum())
     norms = {"agg": agg, "global_tokens": global_tokens, "global_seqs": global_seqs,
              "norm_length": norm_length}
@@ -370,7 +368,7 @@ def _mixed_policy_loss(expert_token_loss: Tensor, logp: Tensor, old_logp: Tensor
     off_loss = agg_loss(expert_token_loss, off_mask, **norms)
     with torch.no_grad():
         metrics = {"pg_loss": sums["loss"], "expert_pg_loss": off_loss.detach()}
-        metrics.update(_pg_metrics(sums, advantages, num_on, global_tokens))
+        metrics.update(_pg_metrics(sums, advantages, global_tokens))
     return _attach(logp, sums["loss"], grad) + off_loss, metrics
 
 
