@@ -27,7 +27,14 @@ import torch
 
 from actors.group import ActorGroup
 from actors.logs import actor_log_dir, forward_warnings
-from actors.weight_sync import link_model_files
+from actors.weight_sync import (
+    Partition,
+    create_partitioned_file,
+    link_model_files,
+    partition_file_path,
+    read_mapped,
+    write_partitions,
+)
 from calibrl.algo import TrainBatch, compile_loss_kernels, compute_loss, has_signal, loss_normalizers
 from calibrl.config import Config
 from calibrl.inputs import image_tensors
@@ -142,6 +149,7 @@ class Learner:
             config=ds_config(zero_stage=zero_stage, grad_clip=grad_clip, bf16=cuda,
                              micro_batch_per_device=micro_batch_per_device))
         self.zero_stage = zero_stage
+        self.colocated = zero_stage == 3 and all_on_one_node(world_size)
         self.updates = 0
         self.temperature = temperature  # the rollout's: log-probs are those of pi(. | T), sampled from
 
@@ -345,13 +353,19 @@ class Learner:
         """Write the full state dict as safetensors under out_dir/v{version} (rank 0); returns the path."""
         from safetensors.torch import save_file
 
-        # written while gathered: no rank copies the weights (a copy costs as much as the write)
-        with self.gathered_state_dict() as state:
+        path = os.path.join(out_dir, f"v{version}")
+        if self.colocated:  # ZeRO-3 on one node: each rank writes its partitions, nothing is gathered
+            write_partitioned(self.engine.module, os.path.join(path, "model.safetensors"), self.rank)
             if self.rank != 0:
                 return None
-            path = os.path.join(out_dir, f"v{version}")
-            os.makedirs(path, exist_ok=True)
-            save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(path, "model.safetensors"))
+        else:
+            # written while gathered: no rank copies the weights (a copy costs as much as the write)
+            with self.gathered_state_dict() as state:
+                if self.rank != 0:
+                    return None
+                os.makedirs(path, exist_ok=True)
+                save_file({k: v.contiguous() for k, v in state.items()},
+                          os.path.join(path, "model.safetensors"))
         link_model_files(self.model_path, path)
         return path
 
@@ -371,7 +385,9 @@ class Learner:
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo as InitInfo
         else:
             InitInfo = GlooTrainerInitInfo
-        addr_port = [node_address(), free_port()] if self.rank == 0 else [None, None]
+        # where the group meets; under ZeRO-3 on one node also the file the ranks' partitions go to
+        shared = partition_file_path() if self.colocated and backend == "gloo" else None
+        addr_port = [node_address(), free_port(), shared] if self.rank == 0 else [None, None, None]
         if self.world_size > 1:
             dist.broadcast_object_list(addr_port, src=0)
         info = InitInfo(master_address=addr_port[0], master_port=addr_port[1],
@@ -379,7 +395,8 @@ class Learner:
                         rank=self.rank, **({"timeout_s": timeout_s} if backend == "gloo" else {}))
         self.transfer = WeightTransferTrainerFactory.trainer_init(
             info, client=EngineClient(rollout_workers, tensor_parallel_size),
-            source=ZeroWeightSource(self.engine.module, gather=self.zero_stage == 3, copy=backend != "gloo"))
+            source=ZeroWeightSource(self.engine.module, gather=self.zero_stage == 3, copy=backend != "gloo",
+                                    shared_file=addr_port[2], rank=self.rank))
 
     def send_weights(self, version: int) -> None:
         """Send the current weights to every engine, which then serve them as `version` (all ranks)."""
@@ -424,18 +441,24 @@ class Learner:
 
 class ZeroWeightSource:
     """The learner's full HF-named weights as vLLM's `WeightSource` protocol (`metadata()` and a
-    fresh iteration per round). Under ZeRO-3 every rank iterates in lockstep: each decoder layer's
-    parameters are gathered together (one collective per layer, vLLM's `layerwise_groups`) and
-    partitioned again after; with `copy` they are yielded as copies that outlive that (vLLM's packed
-    NCCL producer holds several layers' tensors before it packs them; the gloo sender copies each
-    into its bucket at once and needs none)."""
+    fresh iteration per round). Under ZeRO-3 every rank iterates in lockstep, one of two ways:
+    - `shared_file` (the ranks share a node, gloo): each rank writes its partitions into that
+      safetensors file, and rank 0 yields the full tensors from it (mapped, not copied; the gloo
+      sender copies each into its bucket at once). No collective but two barriers.
+    - otherwise each decoder layer's parameters are gathered together (one collective per layer,
+      vLLM's `layerwise_groups`) and partitioned again after; with `copy` they are yielded as
+      copies that outlive that (vLLM's packed NCCL producer holds several layers' tensors before
+      it packs them)."""
 
-    def __init__(self, module: torch.nn.Module, *, gather: bool, copy: bool = True):
+    def __init__(self, module: torch.nn.Module, *, gather: bool, copy: bool = True,
+                 shared_file: str | None = None, rank: int = 0):
         from vllm.distributed.weight_transfer.base import layerwise_groups
 
+        self.module = module
         self.params = dict(module.named_parameters())
         self.groups = layerwise_groups(list(self.params))
         self.gather, self.copy = gather, copy
+        self.shared_file, self.rank = (shared_file, rank) if gather else (None, rank)
 
     def metadata(self):
         from vllm.distributed.weight_transfer.base import ParamMeta
@@ -444,6 +467,9 @@ class ZeroWeightSource:
                 for group in self.groups for n, p in ((n, self.params[n]) for n in group)]
 
     def __iter__(self):
+        if self.shared_file is not None:
+            yield from self._from_shared_file()
+            return
         import deepspeed
 
         for group in self.groups:
@@ -451,6 +477,50 @@ class ZeroWeightSource:
                 for n in group:
                     p = self.params[n].detach()
                     yield n, p.clone() if self.gather and self.copy else p
+
+    def _from_shared_file(self):
+        write_partitioned(self.module, self.shared_file, self.rank)
+        if self.rank != 0:
+            return
+        try:
+            tensors = read_mapped(self.shared_file)
+            for group in self.groups:
+                for n in group:
+                    yield n, tensors[n]
+        finally:
+            os.remove(self.shared_file)  # the mapping stays valid until its tensors are freed
+
+
+def partitions(module: torch.nn.Module) -> list[Partition]:
+    """This rank's ZeRO-3 partition of every parameter, in `named_parameters` order."""
+    return [Partition(n, p.dtype, tuple(p.ds_shape), p.ds_tensor) for n, p in module.named_parameters()]
+
+
+def write_partitioned(module: torch.nn.Module, path: str, rank: int) -> None:
+    """(Every ZeRO-3 rank, one node) the module's full weights as one safetensors file at `path`:
+    rank 0 lays the file out, then each rank writes its partitions into it at once."""
+    import torch.distributed as dist
+
+    parts = partitions(module)
+    if rank == 0:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        create_partitioned_file(path, parts)
+    dist.barrier()
+    write_partitions(path, parts, rank)
+    dist.barrier()
+
+
+def all_on_one_node(world_size: int) -> bool:
+    """(Every rank) whether all ranks of the process group run on this node."""
+    import torch.distributed as dist
+
+    from actors.group import node_address
+
+    if world_size == 1:
+        return True
+    nodes = [None] * world_size
+    dist.all_gather_object(nodes, node_address())
+    return len(set(nodes)) == 1
 
 
 def gather_rank_rows(results: list[dict[str, torch.Tensor]], key: str,

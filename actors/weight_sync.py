@@ -8,16 +8,28 @@ them in place and serve them as `version`; it returns timings.
   engines must be built with the same backend (`RolloutWorker(weight_sync=...)`).
 - `ShmWeightSync` (`shm`): rank 0 writes safetensors to /dev/shm and each engine calls vLLM's
   `reload_weights` on the file. Works on CPU and GPU; benchmarks/weight_sync.py compares the two.
+
+Under ZeRO-3 with every learner rank on one node, neither transport gathers over the process group:
+each rank writes its own partition of every parameter straight into one safetensors file in
+/dev/shm (`write_partitions`; a partition is a contiguous byte range of the flattened tensor), and
+the file is the exported weights (shm) or what rank 0 sends from (the gloo transfer).
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
+import struct
 import time
 import uuid
+from dataclasses import dataclass
 
 import ray
+import torch
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 class ShmWeightSync:
@@ -142,3 +154,91 @@ def link_model_files(model_path: str, weights_dir: str) -> None:
         if not os.path.lexists(dst):
             os.symlink(os.path.abspath(os.path.join(model_path, name)), dst)
 
+
+
+# ---- one safetensors file written by every ZeRO-3 rank in place ---------------------------------
+
+
+@dataclass(frozen=True)
+class Partition:
+    """One rank's part of one parameter: ZeRO-3 flattens the tensor, pads it to a multiple of the
+    world size and gives rank r the elements [r * size, (r + 1) * size) of that (`ds_tensor`)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    local: torch.Tensor  # this rank's flat partition, `size` elements, padding included
+
+
+def safetensors_layout(parts: list[Partition]) -> tuple[bytes, list[int]]:
+    """The file's leading bytes (length prefix and JSON header, padded to 8 bytes as safetensors
+    writes it) for these tensors back to back in this order, and each tensor's byte offset in the
+    file."""
+    entries, starts, pos = {}, [], 0
+    for p in parts:
+        nbytes = math.prod(p.shape) * p.dtype.itemsize
+        entries[p.name] = {"dtype": SAFETENSORS_DTYPES[p.dtype], "shape": list(p.shape),
+                           "data_offsets": [pos, pos + nbytes]}
+        starts.append(pos)
+        pos += nbytes
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    prefix = struct.pack("<Q", len(header)) + header
+    return prefix, [len(prefix) + s for s in starts]
+
+
+def create_partitioned_file(path: str, parts: list[Partition]) -> None:
+    """(One rank, before any `write_partitions`) the file at its full size, header written."""
+    prefix, starts = safetensors_layout(parts)
+    end = (starts[-1] + math.prod(parts[-1].shape) * parts[-1].dtype.itemsize) if parts else len(prefix)
+    with open(path, "wb") as f:
+        f.write(prefix)
+        f.truncate(end)
+
+
+def write_partitions(path: str, parts: list[Partition], rank: int) -> int:
+    """Write this rank's elements of every tensor at their place in the file (padding dropped);
+    returns the bytes written. The ranks write disjoint ranges, so they may run at once."""
+    _, starts = safetensors_layout(parts)
+    written = 0
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        for p, start in zip(parts, starts):
+            size, numel = p.local.numel(), math.prod(p.shape)
+            first = rank * size
+            n = max(0, min(size, numel - first))
+            if n == 0:
+                continue
+            data = memoryview(p.local[:n].detach().cpu().contiguous().view(torch.uint8).numpy())
+            offset = start + first * p.dtype.itemsize
+            while data:  # pwrite may write less than asked
+                k = os.pwrite(fd, data, offset)
+                data, offset, written = data[k:], offset + k, written + k
+    finally:
+        os.close(fd)
+    return written
+
+
+def read_mapped(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors as views of one private mapping of it (nothing copied)."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    data = torch.from_file(path, shared=False, size=os.path.getsize(path), dtype=torch.uint8)[8 + n:]
+    dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    out = {}
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = e["data_offsets"]
+        dtype = dtypes[e["dtype"]]
+        raw = data[begin:end]
+        if begin % dtype.itemsize:  # not aligned for a view: copy
+            raw = raw.clone()
+        out[name] = raw.view(dtype).view(e["shape"])
+    return out
+
+
+def partition_file_path() -> str:
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+    return os.path.join(base, f"calibrl-transfer-{uuid.uuid4().hex[:8]}.safetensors")

@@ -1,10 +1,13 @@
 """DeepSpeed ZeRO learners in Ray actors (gloo on CPU): training lowers the loss, gradient
 accumulation and data parallelism do not change the update, and exported weights serve in vLLM."""
 
+import os
+
 import numpy as np
 import pytest
 import ray
 import torch
+from safetensors.torch import load_file
 
 from actors.group import ActorGroup
 from actors.learner import Learner, gather_rank_rows
@@ -96,15 +99,17 @@ def test_update_independent_of_micro_batches_and_ranks(ray_local, tiny_models):
 
 
 @pytest.mark.parametrize("ranks", [2, 4])
-def test_zero3_log_probs_with_rows_that_do_not_divide_over_ranks(ray_local, tiny_models, ranks):
+def test_zero3_log_probs_with_rows_that_do_not_divide_over_ranks(ray_local, tiny_models, ranks, tmp_path):
     """9 rows over 2 or 4 ZeRO-3 ranks at micro-batch 1: the ranks hold 5/4 or 3/2/2/2 rows, yet run
     the same number of forwards (ZeRO-3 gathers each layer from every rank), so nothing hangs; the
-    log-probs equal one rank's."""
+    log-probs equal one rank's. After an update, the weight export (each rank writing its partitions,
+    no gather) equals the gathered weights."""
     batch = fixed_batch(num_groups=3, n=2)  # 3 x (2 + 1 expert) = 9 rows
     single = ActorGroup(Learner, 1, name_prefix=f"learner-z3ref{ranks}", num_cpus_per_actor=0.5,
                         model_path=tiny_models["tiny-qwen2"], zero_stage=3, micro_batch_per_device=1)
     try:
         expected = old_logprobs(single, batch)
+        initial = ray.get(single.run("full_state_dict"))[0]
     finally:
         single.shutdown()
     learners = ActorGroup(Learner, ranks, name_prefix=f"learner-z3x{ranks}", num_cpus_per_actor=0.5,
@@ -116,7 +121,13 @@ def test_zero3_log_probs_with_rows_that_do_not_divide_over_ranks(ray_local, tiny
         assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
         attach_expert_logprobs(batch, got)
         ray.get(learners.run("train_step", batch, loss_name="calibrl", loss_kwargs=LOSS), timeout=240)
-        ray.get(learners.run("full_state_dict"), timeout=240)  # the export's gather, too
+        full = ray.get(learners.run("full_state_dict"), timeout=240)[0]  # the checkpoint's gather
+        # the sync's export: no gather, each rank writes its partitions into the one file
+        path = ray.get(learners.run("export_weights", 1, str(tmp_path)), timeout=240)[0]
+        exported = load_file(os.path.join(path, "model.safetensors"))
+        assert set(exported) == set(full)
+        assert all(torch.equal(exported[k], v) for k, v in full.items())
+        assert not all(torch.equal(exported[k], v) for k, v in initial.items())  # the update is in it
     finally:
         learners.shutdown()
 
