@@ -27,14 +27,7 @@ import torch
 
 from actors.group import ActorGroup
 from actors.logs import actor_log_dir, forward_warnings
-from actors.weight_sync import (
-    Partition,
-    create_partitioned_file,
-    link_model_files,
-    partition_file_path,
-    read_mapped,
-    write_partitions,
-)
+from actors.weight_sync import Partition, create_partitioned_file, link_model_files, write_partitions
 from calibrl.algo import TrainBatch, compile_loss_kernels, compute_loss, has_signal, loss_normalizers
 from calibrl.config import Config
 from calibrl.inputs import image_tensors
@@ -385,9 +378,7 @@ class Learner:
             from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo as InitInfo
         else:
             InitInfo = GlooTrainerInitInfo
-        # where the group meets; under ZeRO-3 on one node also the file the ranks' partitions go to
-        shared = partition_file_path() if self.colocated and backend == "gloo" else None
-        addr_port = [node_address(), free_port(), shared] if self.rank == 0 else [None, None, None]
+        addr_port = [node_address(), free_port()] if self.rank == 0 else [None, None]
         if self.world_size > 1:
             dist.broadcast_object_list(addr_port, src=0)
         info = InitInfo(master_address=addr_port[0], master_port=addr_port[1],
@@ -395,8 +386,7 @@ class Learner:
                         rank=self.rank, **({"timeout_s": timeout_s} if backend == "gloo" else {}))
         self.transfer = WeightTransferTrainerFactory.trainer_init(
             info, client=EngineClient(rollout_workers, tensor_parallel_size),
-            source=ZeroWeightSource(self.engine.module, gather=self.zero_stage == 3, copy=backend != "gloo",
-                                    shared_file=addr_port[2], rank=self.rank))
+            source=ZeroWeightSource(self.engine.module, gather=self.zero_stage == 3, copy=backend != "gloo"))
 
     def send_weights(self, version: int) -> None:
         """Send the current weights to every engine, which then serve them as `version` (all ranks)."""
@@ -441,24 +431,20 @@ class Learner:
 
 class ZeroWeightSource:
     """The learner's full HF-named weights as vLLM's `WeightSource` protocol (`metadata()` and a
-    fresh iteration per round). Under ZeRO-3 every rank iterates in lockstep, one of two ways:
-    - `shared_file` (the ranks share a node, gloo): each rank writes its partitions into that
-      safetensors file, and rank 0 yields the full tensors from it (mapped, not copied; the gloo
-      sender copies each into its bucket at once). No collective but two barriers.
-    - otherwise each decoder layer's parameters are gathered together (one collective per layer,
-      vLLM's `layerwise_groups`) and partitioned again after; with `copy` they are yielded as
-      copies that outlive that (vLLM's packed NCCL producer holds several layers' tensors before
-      it packs them)."""
+    fresh iteration per round). Under ZeRO-3 every rank iterates in lockstep: each decoder layer's
+    parameters are gathered together (one collective per layer, vLLM's `layerwise_groups`) and
+    partitioned again after; with `copy` they are yielded as copies that outlive that (vLLM's packed
+    NCCL producer holds several layers' tensors before it packs them; the gloo sender copies each
+    into its bucket at once and needs none). The shm export's partitioned file does not apply here:
+    on CPU the gloo transfer is bound by the engine's receive and reload, not by this gather
+    (benchmarks/weight_sync.py), and this path is the NCCL one the CPU tests exercise."""
 
-    def __init__(self, module: torch.nn.Module, *, gather: bool, copy: bool = True,
-                 shared_file: str | None = None, rank: int = 0):
+    def __init__(self, module: torch.nn.Module, *, gather: bool, copy: bool = True):
         from vllm.distributed.weight_transfer.base import layerwise_groups
 
-        self.module = module
         self.params = dict(module.named_parameters())
         self.groups = layerwise_groups(list(self.params))
         self.gather, self.copy = gather, copy
-        self.shared_file, self.rank = (shared_file, rank) if gather else (None, rank)
 
     def metadata(self):
         from vllm.distributed.weight_transfer.base import ParamMeta
@@ -467,9 +453,6 @@ class ZeroWeightSource:
                 for group in self.groups for n, p in ((n, self.params[n]) for n in group)]
 
     def __iter__(self):
-        if self.shared_file is not None:
-            yield from self._from_shared_file()
-            return
         import deepspeed
 
         for group in self.groups:
@@ -477,18 +460,6 @@ class ZeroWeightSource:
                 for n in group:
                     p = self.params[n].detach()
                     yield n, p.clone() if self.gather and self.copy else p
-
-    def _from_shared_file(self):
-        write_partitioned(self.module, self.shared_file, self.rank)
-        if self.rank != 0:
-            return
-        try:
-            tensors = read_mapped(self.shared_file)
-            for group in self.groups:
-                for n in group:
-                    yield n, tensors[n]
-        finally:
-            os.remove(self.shared_file)  # the mapping stays valid until its tensors are freed
 
 
 def partitions(module: torch.nn.Module) -> list[Partition]:

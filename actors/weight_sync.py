@@ -9,10 +9,9 @@ them in place and serve them as `version`; it returns timings.
 - `ShmWeightSync` (`shm`): rank 0 writes safetensors to /dev/shm and each engine calls vLLM's
   `reload_weights` on the file. Works on CPU and GPU; benchmarks/weight_sync.py compares the two.
 
-Under ZeRO-3 with every learner rank on one node, neither transport gathers over the process group:
-each rank writes its own partition of every parameter straight into one safetensors file in
-/dev/shm (`write_partitions`; a partition is a contiguous byte range of the flattened tensor), and
-the file is the exported weights (shm) or what rank 0 sends from (the gloo transfer).
+Under ZeRO-3 with every learner rank on one node, the shm export gathers nothing: each rank writes
+its own partition of every parameter straight into the one safetensors file in /dev/shm
+(`write_partitions`; a partition is a contiguous byte range of the flattened tensor).
 """
 
 from __future__ import annotations
@@ -217,28 +216,3 @@ def write_partitions(path: str, parts: list[Partition], rank: int) -> int:
     finally:
         os.close(fd)
     return written
-
-
-def read_mapped(path: str) -> dict[str, torch.Tensor]:
-    """A safetensors file's tensors as views of one private mapping of it (nothing copied)."""
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    data = torch.from_file(path, shared=False, size=os.path.getsize(path), dtype=torch.uint8)[8 + n:]
-    dtypes = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-    out = {}
-    for name, e in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = e["data_offsets"]
-        dtype = dtypes[e["dtype"]]
-        raw = data[begin:end]
-        if begin % dtype.itemsize:  # not aligned for a view: copy
-            raw = raw.clone()
-        out[name] = raw.view(dtype).view(e["shape"])
-    return out
-
-
-def partition_file_path() -> str:
-    base = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-    return os.path.join(base, f"calibrl-transfer-{uuid.uuid4().hex[:8]}.safetensors")

@@ -86,8 +86,8 @@ def transformers_reference(model_path: str, weights_file: str, result, images: l
 
 
 # the vision-language model on one ZeRO-2 rank; 2 ZeRO-3 ranks and the text model go through the
-# transfer API in tests/actors/test_weight_transfer.py, and the shm export under ZeRO-3 is the
-# checkpoint export's gather (tests/launch/test_topology.py)
+# transfer API in tests/actors/test_weight_transfer.py, and the shm export under ZeRO-3 (each rank
+# writes its partitions) is checked against the gathered weights in tests/actors/test_learner.py
 CASES = [("tiny-qwen2.5-vl", 1, 2)]
 
 
