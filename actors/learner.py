@@ -114,6 +114,8 @@ class Learner:
         self.rank, self.world_size = rank, world_size
         self.micro_batch_per_device = micro_batch_per_device
         self.device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        if not cuda:
+            skip_shm_all_reduce()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         torch.manual_seed(seed + rank)
         if compile_loss:
@@ -492,6 +494,19 @@ def all_on_one_node(world_size: int) -> bool:
     nodes = [None] * world_size
     dist.all_gather_object(nodes, node_address())
     return len(set(nodes)) == 1
+
+
+def skip_shm_all_reduce() -> None:
+    """Keep DeepSpeed's CPU backend from building its shared-memory all-reduce op at
+    `init_distributed`: a C++ build of about 45 s on the first learner start of every new
+    environment (and a C++ compiler required), for `inference_all_reduce`, which training never
+    calls. Marked incompatible, the op is skipped and collectives go through gloo as before."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def gather_rank_rows(results: list[dict[str, torch.Tensor]], key: str,
