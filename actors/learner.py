@@ -27,7 +27,7 @@ import torch
 
 from actors.group import ActorGroup
 from actors.logs import actor_log_dir, forward_warnings
-from actors.weight_sync import Partition, create_partitioned_file, link_model_files, write_partitions
+from actors.weight_sync import Partition, link_model_files, write_partitions
 from calibrl.algo import TrainBatch, compile_loss_kernels, compute_loss, has_signal, loss_normalizers
 from calibrl.config import Config
 from calibrl.inputs import image_tensors
@@ -471,16 +471,12 @@ def partitions(module: torch.nn.Module) -> list[Partition]:
 
 def write_partitioned(module: torch.nn.Module, path: str, rank: int) -> None:
     """(Every ZeRO-3 rank, one node) the module's full weights as one safetensors file at `path`:
-    rank 0 lays the file out, then each rank writes its partitions into it at once."""
+    each rank writes its partitions into it at once (rank 0 the header too)."""
     import torch.distributed as dist
 
-    parts = partitions(module)
-    if rank == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        create_partitioned_file(path, parts)
-    dist.barrier()
-    write_partitions(path, parts, rank)
-    dist.barrier()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    write_partitions(path, partitions(module), rank)
+    dist.barrier()  # every rank's part is in
 
 
 def all_on_one_node(world_size: int) -> bool:

@@ -186,22 +186,19 @@ def safetensors_layout(parts: list[Partition]) -> tuple[bytes, list[int]]:
     return prefix, [len(prefix) + s for s in starts]
 
 
-def create_partitioned_file(path: str, parts: list[Partition]) -> None:
-    """(One rank, before any `write_partitions`) the file at its full size, header written."""
-    prefix, starts = safetensors_layout(parts)
-    end = (starts[-1] + math.prod(parts[-1].shape) * parts[-1].dtype.itemsize) if parts else len(prefix)
-    with open(path, "wb") as f:
-        f.write(prefix)
-        f.truncate(end)
-
-
 def write_partitions(path: str, parts: list[Partition], rank: int) -> int:
-    """Write this rank's elements of every tensor at their place in the file (padding dropped);
-    returns the bytes written. The ranks write disjoint ranges, so they may run at once."""
-    _, starts = safetensors_layout(parts)
+    """Write this rank's elements of every tensor at their place in the file, creating it if need
+    be (padding dropped); rank 0 also writes the header and sets the file's full size. Returns the
+    bytes of tensor data written. The ranks write disjoint ranges, so they may run at once, in any
+    order; the file is complete once every rank has returned."""
+    prefix, starts = safetensors_layout(parts)
     written = 0
-    fd = os.open(path, os.O_WRONLY)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
+        if rank == 0:
+            end = starts[-1] + math.prod(parts[-1].shape) * parts[-1].dtype.itemsize if parts else len(prefix)
+            os.ftruncate(fd, end)  # only ever grows the file: no rank writes past `end`
+            os.pwrite(fd, prefix, 0)
         for p, start in zip(parts, starts):
             size, numel = p.local.numel(), math.prod(p.shape)
             first = rank * size

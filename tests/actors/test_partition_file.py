@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 
 from actors.weight_sync import (
     Partition,
-    create_partitioned_file,
     safetensors_layout,
     write_partitions,
 )
@@ -26,16 +25,17 @@ def cut(state: dict[str, torch.Tensor], rank: int, world: int) -> list[Partition
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
-def test_every_rank_writes_its_slice_and_safetensors_reads_the_whole(tmp_path, world):
+@pytest.mark.parametrize("rank0_first", [True, False])
+def test_every_rank_writes_its_slice_and_safetensors_reads_the_whole(tmp_path, world, rank0_first):
     torch.manual_seed(0)
     # sizes that leave padding for 2, 3 and 5 ranks, one tensor smaller than the world, mixed dtypes
     state = {"embed.weight": torch.randn(7, 5), "layer.0.bias": torch.randn(3),
              "layer.0.norm": torch.randn(11).to(torch.bfloat16), "scalar": torch.randn(1),
              "head.weight": torch.randn(4, 6)}
     path = str(tmp_path / "model.safetensors")
-    create_partitioned_file(path, cut(state, 0, world))
     written = 0
-    for rank in reversed(range(world)):  # any order: the ranges are disjoint
+    # any order: the ranges are disjoint, and rank 0 (header, full size) may come first or last
+    for rank in (range(world) if rank0_first else reversed(range(world))):
         written += write_partitions(path, cut(state, rank, world), rank)
     assert written == sum(t.numel() * t.element_size() for t in state.values())  # padding not written
     got = load_file(path)
