@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/scaling.py            # samples 2..16 at 16 prompts; prompts 8..128 at n=4
     .venv/bin/python benchmarks/scaling.py --quick    # fewer points
+    .venv/bin/python benchmarks/scaling.py --demo-only  # only the demo's three modes (no curves, no PNG)
 
 For each setting: GRPO from the tiny text model, 1 warm-up step and `--steps` timed steps (medians of
 the driver's `time/*` metrics), all in one Ray session. Then the demo itself (configs/cpu_demo.yaml:
@@ -83,6 +84,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--demo-only", action="store_true", help="only the demo's step, three ways")
     ap.add_argument("--out", default="runs/bench-scaling")
     args = ap.parse_args()
 
@@ -96,6 +98,8 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     samples = [2, 4, 8, 16] if args.quick else [2, 4, 6, 8, 12, 16]
     prompts = [8, 32, 128] if args.quick else [8, 16, 32, 64, 128]
+    if args.demo_only:
+        samples, prompts = [], []
     by_samples = {n: run(model, data, os.path.join(tmp, f"n{n}"), prompts=16, samples=n, steps=args.steps)
                   for n in samples}
     by_prompts = {p: run(model, data, os.path.join(tmp, f"p{p}"), prompts=p, samples=4, steps=args.steps)
@@ -116,12 +120,13 @@ def main() -> None:
         for x, r in runs.items():
             print(f"| {x} | " + " | ".join(f"{r[k]:.2f}" for k in KEYS) + " |")
 
-    table("Step time vs samples per prompt (16 prompts per step)", by_samples, "samples")
-    table("Step time vs prompts per step (4 samples each)", by_prompts, "prompts")
-    for name, runs, per in (("samples per prompt", by_samples, 16), ("prompts per step", by_prompts, 4)):
-        xs = [x * per for x in runs]
-        a, b = slope(xs, [r["time/step_s"] for r in runs.values()])
-        print(f"fit over {name}: step_s = {a:.2f} + {b * 1000:.1f} ms x completions")
+    if not args.demo_only:
+        table("Step time vs samples per prompt (16 prompts per step)", by_samples, "samples")
+        table("Step time vs prompts per step (4 samples each)", by_prompts, "prompts")
+        for name, runs, per in (("samples per prompt", by_samples, 16), ("prompts per step", by_prompts, 4)):
+            xs = [x * per for x in runs]
+            a, b = slope(xs, [r["time/step_s"] for r in runs.values()])
+            print(f"fit over {name}: step_s = {a:.2f} + {b * 1000:.1f} ms x completions")
     table("The demo's RL step (configs/cpu_demo.yaml, 64 prompts x 4, 4 updates)",
           {"synchronous, log-probs after generation": after, "synchronous, log-probs streamed": sync,
            "one-step-off": async_}, "mode")
@@ -133,6 +138,8 @@ def main() -> None:
     print(f"one-step-off: step {async_['time/step_s']:.2f} s = {async_['time/step_s'] / bound:.2f}x "
           f"max(rollout, log-probs + train) (target <= 1.15x), "
           f"{after['time/step_s'] / async_['time/step_s']:.2f}x faster than synchronous")
+    if args.demo_only:
+        return
 
     import matplotlib
 
