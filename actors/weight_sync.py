@@ -154,7 +154,6 @@ def link_model_files(model_path: str, weights_dir: str) -> None:
             os.symlink(os.path.abspath(os.path.join(model_path, name)), dst)
 
 
-
 # ---- one safetensors file written by every ZeRO-3 rank in place ---------------------------------
 
 
@@ -197,7 +196,7 @@ def write_partitions(path: str, parts: list[Partition], rank: int) -> int:
     try:
         if rank == 0:
             end = starts[-1] + math.prod(parts[-1].shape) * parts[-1].dtype.itemsize if parts else len(prefix)
-            os.ftruncate(fd, end)  # only ever grows the file: no rank writes past `end`
+            os.ftruncate(fd, end)  # cuts nothing a rank wrote: every range ends by `end`
             os.pwrite(fd, prefix, 0)
         for p, start in zip(parts, starts):
             size, numel = p.local.numel(), math.prod(p.shape)
