@@ -92,18 +92,18 @@ def main() -> None:
     from calibrl.tiny_models import make_tiny_qwen2
 
     tmp = tempfile.mkdtemp(prefix="calibrl-scaling-")
-    model = make_tiny_qwen2(os.path.join(tmp, "tiny-qwen2"))
-    data = write_splits(os.path.join(tmp, "data"), n_train=1024, n_val=8, n_test=8, seed=0, multimodal=False,
-                        difficulty=1)
     os.makedirs(args.out, exist_ok=True)
-    samples = [2, 4, 8, 16] if args.quick else [2, 4, 6, 8, 12, 16]
-    prompts = [8, 32, 128] if args.quick else [8, 16, 32, 64, 128]
-    if args.demo_only:
-        samples, prompts = [], []
-    by_samples = {n: run(model, data, os.path.join(tmp, f"n{n}"), prompts=16, samples=n, steps=args.steps)
-                  for n in samples}
-    by_prompts = {p: run(model, data, os.path.join(tmp, f"p{p}"), prompts=p, samples=4, steps=args.steps)
-                  for p in prompts}
+    by_samples, by_prompts = {}, {}
+    if not args.demo_only:
+        model = make_tiny_qwen2(os.path.join(tmp, "tiny-qwen2"))
+        data = write_splits(os.path.join(tmp, "data"), n_train=1024, n_val=8, n_test=8, seed=0,
+                            multimodal=False, difficulty=1)
+        samples = [2, 4, 8, 16] if args.quick else [2, 4, 6, 8, 12, 16]
+        prompts = [8, 32, 128] if args.quick else [8, 16, 32, 64, 128]
+        by_samples = {n: run(model, data, os.path.join(tmp, f"n{n}"), prompts=16, samples=n, steps=args.steps)
+                      for n in samples}
+        by_prompts = {p: run(model, data, os.path.join(tmp, f"p{p}"), prompts=p, samples=4, steps=args.steps)
+                      for p in prompts}
     from launch.cli import make_demo_data
 
     demo = os.path.join(tmp, "demo")
