@@ -14,13 +14,19 @@
    on the assembled batch's shapes, fastest of `--repeats` alternating runs, metrics included in both:
    first with the kernels run eagerly (the default), then fused by `compile_loss_kernels()`
    (`learner.compile_loss=true`).
+3. The loss inside a micro-batch update at the demo's shape (16 rows x 48 response tokens after a
+   64-token prompt, the tiny Qwen2 of `calibrl.tiny_models`, eager): the model's forward
+   (`response_logprobs`) + each loss + backward, median of alternating runs; what the calibration
+   term costs a learner, next to what it costs the loss alone at that shape.
 """
 
 from __future__ import annotations
 
 import argparse
 import pathlib
+import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -112,6 +118,65 @@ def best_times(fns, repeats: int) -> list[float]:
     return [min(ts) for ts in times]
 
 
+def median_times(fns, repeats: int) -> list[float]:
+    """Median of `repeats` runs of each fn, run alternately after a warm-up round."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
+
+
+def micro_batch_update(rows: int = 16, prompt_len: int = 64, response_len: int = 48, repeats: int = 100):
+    """Seconds of (loss alone, model forward + loss + backward) for calibrl_loss and the GRPO loss at one
+    micro-batch of the demo's shape: {"calibrl": (loss, update), "grpo": (loss, update)}."""
+    from transformers import AutoModelForCausalLM
+
+    from calibrl.modeling import response_logprobs
+    from calibrl.tiny_models import make_tiny_qwen2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = AutoModelForCausalLM.from_pretrained(make_tiny_qwen2(tmp), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(2)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(3, vocab - 1, (rows, prompt_len), generator=gen)
+    response = torch.randint(3, vocab - 1, (rows, response_len), generator=gen)
+    prompt_mask = torch.ones_like(prompt, dtype=torch.bool)
+    response_mask = torch.arange(response_len) < torch.randint(8, response_len + 1, (rows, 1), generator=gen)
+    with torch.no_grad():
+        old_logp, _ = response_logprobs(model, prompt, prompt_mask, response, response_mask)
+    adv = torch.randn(rows, generator=gen)
+    is_expert = torch.zeros(rows, dtype=torch.bool)
+    is_expert[::4] = True  # a group of 3 samples + its expert
+    expert_logp = old_logp - torch.rand(old_logp.shape, generator=gen)
+    has_expert = torch.ones(rows, dtype=torch.bool)
+
+    def loss_of(kind, logp):
+        if kind == "calibrl":
+            return calibrl_loss(logp, old_logp, adv, response_mask, is_expert, adv > 0, expert_logp,
+                                has_expert=has_expert)[0]
+        return ppo_loss(logp, old_logp, adv, response_mask, is_expert)[0]
+
+    def loss_alone(kind):
+        logp = old_logp.clone().requires_grad_()
+        return lambda: loss_of(kind, logp).backward()
+
+    def update(kind):
+        def step():
+            model.zero_grad(set_to_none=True)
+            logp, _ = response_logprobs(model, prompt, prompt_mask, response, response_mask)
+            loss_of(kind, logp).backward()
+        return step
+
+    calib_loss, grpo_loss = median_times([loss_alone("calibrl"), loss_alone("grpo")], repeats)
+    calib_update, grpo_update = median_times([update("calibrl"), update("grpo")], max(10, repeats // 5))
+    return {"calibrl": (calib_loss, calib_update), "grpo": (grpo_loss, grpo_update)}
+
+
 def compare_stage(num_groups: int, n: int, max_len: int, max_prompt: int, *, arrays: bool, repeats: int):
     """Time the stage and the loop on the same groups; assert equal outputs.
 
@@ -176,6 +241,7 @@ def main() -> None:
     compile_loss_kernels()
     t_calib_c, t_grpo_c = best_times([calib, grpo], args.repeats)
     compile_loss_kernels(False)
+    micro = micro_batch_update()
 
     def row(name, seconds, ratio="", target=""):
         print(f"| {name:66s} | {seconds:9.3f} | {ratio:>8s} | {target:8s} |")
@@ -194,10 +260,18 @@ def main() -> None:
     row("ppo_loss (GRPO) forward+backward, compiled kernels", t_grpo_c)
     row("calibrl_loss forward+backward, compiled kernels", t_calib_c, f"{t_calib_c / t_grpo_c:.2f}x",
         "<= 1.10x")
+    (calib_loss, calib_update), (grpo_loss, grpo_update) = micro["calibrl"], micro["grpo"]
+    row("micro-batch (16 x 48 tokens): ppo_loss alone, eager", grpo_loss)
+    row("micro-batch: calibrl_loss alone, eager", calib_loss, f"{calib_loss / grpo_loss:.2f}x")
+    row("micro-batch: model forward + ppo_loss + backward", grpo_update)
+    row("micro-batch: model forward + calibrl_loss + backward", calib_update,
+        f"{calib_update / grpo_update:.2f}x")
     print(f"\noutputs equal ({len(FIELDS)} fields, {rows} rows x {batch.response_ids.shape[1]} tokens, "
           f"both input kinds); stage speed-up {t_loop_lists / t_stage_lists:.1f}x (lists) / "
           f"{t_loop_arrays / t_stage_arrays:.1f}x (arrays); calibrl_loss / GRPO loss {t_calib / t_grpo:.2f}x "
-          f"(eager), {t_calib_c / t_grpo_c:.2f}x (compiled)")
+          f"(eager), {t_calib_c / t_grpo_c:.2f}x (compiled); a demo-shaped micro-batch update with "
+          f"calibrl_loss {calib_update / grpo_update:.2f}x the one with GRPO's (the loss alone "
+          f"{calib_loss / grpo_loss:.2f}x, {(calib_loss - grpo_loss) / grpo_update:.1%} of the update)")
 
 
 if __name__ == "__main__":
