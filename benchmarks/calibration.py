@@ -206,7 +206,7 @@ def compare_stage(num_groups: int, n: int, max_len: int, max_prompt: int, *, arr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="32 groups x 256 tokens: a quick check")
-    parser.add_argument("--repeats", type=int, default=7, help="loss timing repeats (fastest counts)")
+    parser.add_argument("--repeats", type=int, default=15, help="loss timing repeats (fastest counts)")
     parser.add_argument("--stage-repeats", type=int, default=3,
                         help="stage / loop timing repeats (fastest counts)")
     args = parser.parse_args()
@@ -244,7 +244,8 @@ def main() -> None:
     micro = micro_batch_update()
 
     def row(name, seconds, ratio="", target=""):
-        print(f"| {name:66s} | {seconds:9.3f} | {ratio:>8s} | {target:8s} |")
+        print(f"| {name:66s} | {seconds:9.3f} | {ratio:>8s} | {target:8s} |" if seconds >= 0.01 else
+              f"| {name:66s} | {seconds * 1e3:6.3f} ms | {ratio:>8s} | {target:8s} |")
 
     print()
     print(f"| {'measurement':66s} | {'seconds':>9s} | {'ratio':>8s} | target   |")
