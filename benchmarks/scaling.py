@@ -9,7 +9,9 @@ the driver's `time/*` metrics), all in one Ray session. Then the demo itself (co
 the tiny VL model, CalibRL, 64 prompts x 4, 4 updates per step; RL steps only, no SFT warm-up) three
 ways, side by side: synchronous with the old log-probs after generation, synchronous with them
 streamed during generation (the default), and one-step-off: its step time against max(rollout, log-probs
-+ train) of the synchronous run (target <= 1.15x). Every run scores responses with
++ train) of the synchronous run (target <= 1.15x), and where the CPU went in each: CPU seconds per
+step of the learner, rollout, verifier and driver processes (/proc, between the end of the warm-up
+step and the end of the last), and how many cores the whole machine kept busy. Every run scores responses with
 benchmarks/rewards.py:odd_length, which a random model earns half the time, so every step trains.
 Prints the tables and the fitted slopes (seconds per completion, least squares), and writes
 `scaling.png` (the curves) to --out.
@@ -23,30 +25,69 @@ import pathlib
 import statistics
 import sys
 import tempfile
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+ROLES = (("learner", "ray::Learner"), ("rollout", "ray::RolloutWorker"), ("verifier", "ray::VerifierWorker"))
 KEYS = ("time/step_s", "time/rollout_s", "time/logprobs_s", "time/train_s", "time/sync_s")
 REWARD = "verifier.reward_function=benchmarks.rewards:odd_length"
 
 
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each role's processes (ROLES, and this process as
+    the driver), and `busy`: by the whole machine (/proc/stat, all but idle and iowait)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys([role for role, _ in ROLES] + ["driver"], 0.0)
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        role = "driver" if int(pid) == os.getpid() else next((r for r, p in ROLES if cmd.startswith(p)), None)
+        if role:
+            out[role] += (int(fields[11]) + int(fields[12])) / tick
+    with open("/proc/stat") as f:
+        cpu = [int(x) for x in f.readline().split()[1:]]
+    out["busy"] = (sum(cpu[:8]) - cpu[3] - cpu[4]) / tick  # user..steal, less idle and iowait
+    return out
+
+
 def timed_run(config: str | None, overrides: list[str]) -> dict:
-    """Medians of the `time/*` metrics over every step but the first (the warm-up)."""
+    """Medians of the `time/*` metrics over every step but the first (the warm-up), and `cpu`: each
+    role's CPU seconds per step over the same steps, with `cores`, the machine's busy cores."""
     from calibrl.config import load_config
     from launch.metrics import read_metrics
     from launch.train import Trainer
 
     cfg = load_config(config, overrides)
     trainer = Trainer(cfg)
+    marks = []  # (wall time, cpu_seconds()) at the end of each RL step
+    step = trainer.train_step
+
+    def marked(pending):
+        out = step(pending)
+        marks.append((time.time(), cpu_seconds()))
+        return out
+
+    trainer.train_step = marked
     try:
         trainer.fit()
     finally:
         trainer.shutdown()
     rows = [r for r in read_metrics(cfg.trainer.output_dir) if r["kind"] == "train"][1:]
-    return {k: statistics.median(r.get(k, 0.0) for r in rows) for k in KEYS}
+    result = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in KEYS}
+    (t0, c0), (t1, c1) = marks[0], marks[-1]
+    steps = max(1, len(marks) - 1)
+    result["cpu"] = {k: (c1[k] - c0[k]) / steps for k in c1}
+    result["cpu"]["cores"] = (c1["busy"] - c0["busy"]) / (t1 - t0)
+    return result
 
 
 def run(model: str, data: dict, out: str, *, prompts: int, samples: int, steps: int) -> dict:
@@ -127,9 +168,16 @@ def main() -> None:
             xs = [x * per for x in runs]
             a, b = slope(xs, [r["time/step_s"] for r in runs.values()])
             print(f"fit over {name}: step_s = {a:.2f} + {b * 1000:.1f} ms x completions")
-    table("The demo's RL step (configs/cpu_demo.yaml, 64 prompts x 4, 4 updates)",
-          {"synchronous, log-probs after generation": after, "synchronous, log-probs streamed": sync,
-           "one-step-off": async_}, "mode")
+    modes = {"synchronous, log-probs after generation": after, "synchronous, log-probs streamed": sync,
+             "one-step-off": async_}
+    table("The demo's RL step (configs/cpu_demo.yaml, 64 prompts x 4, 4 updates)", modes, "mode")
+    print(f"\nWhere the CPU went: CPU seconds per step of each role's processes (busy: the whole machine), "
+          f"and the cores kept busy ({os.cpu_count()} here)")
+    print("| mode | learner | rollout | verifier | driver | busy | cores busy |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in modes.items():
+        cells = (r["cpu"][k] for k in (*dict(ROLES), "driver", "busy", "cores"))
+        print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in cells) + " |")
     learn = after["time/logprobs_s"] + after["time/train_s"]
     bound = max(after["time/rollout_s"], learn)
     print(f"\nsynchronous: rollout {after['time/rollout_s']:.2f} s, log-probs + train {learn:.2f} s; "
