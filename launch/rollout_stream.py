@@ -121,6 +121,13 @@ class PendingRollout:
     """Chunks whose verifier died or hung; each was scored again elsewhere."""
     logprob_parts: list[LogprobPart] = field(default_factory=list)
     """Old log-probs of the groups added so far, computed while the rest generates."""
+    unscored: list[tuple[list[Group], int]] = field(default_factory=list)
+    """Groups `take` added (with their first group ordinal) whose old log-probs `finish` asks for."""
+    failed: set = field(default_factory=set)
+    """Generate refs whose engine failed while `take` looked: `finish` deals with them."""
+    taken_early: int = 0
+    """Chunks generated (and sent to the verifiers) before `finish`, while the driver waited on the
+    learners."""
 
 
 @dataclass
@@ -198,12 +205,38 @@ class RolloutStream:
         job.started = time.time()
         pending.refs[self.workers[job.worker].generate.remote(job.requests, job.sampling)] = job
 
+    def in_flight(self, pending: PendingRollout) -> list:
+        """What `take` can act on: chunks generating (less any whose engine failed) and chunks being
+        verified."""
+        return [*(ref for ref in pending.refs if ref not in pending.failed), *pending.verdicts]
+
+    def take(self, pending: PendingRollout, ref) -> None:
+        """Take in one finished piece of a rollout while the driver waits on the learners (one-step-off:
+        the next step generates during this one's update): a generated chunk goes to the verifiers,
+        verified groups into the stage, so that `finish` has little left to do. Their old log-probs
+        are asked for at `finish` (the learners are busy now). An engine that died is left to
+        `finish`, which recovers it with the weights of that moment."""
+        if ref in pending.verdicts:
+            self._add_groups(pending, ref, score_now=False)
+            return
+        try:
+            results = ray.get(ref)
+        except ray.exceptions.RayActorError:
+            pending.failed.add(ref)
+            return
+        job = pending.refs.pop(ref)
+        pending.taken_early += 1
+        self._verify(pending, job.examples, results)
+
     def finish(self, pending: PendingRollout) -> tuple[TrainBatch, dict[str, float]]:
         """Verify completed chunks as they come and add their groups as their verdicts come (refilling
         under dynamic sampling), then assemble the step's batch."""
         a, t = self.cfg.algorithm, self.cfg.trainer
         stage = pending.stage
         generated_at = None
+        for groups, first in pending.unscored:
+            self._score_early(pending, groups, first)
+        pending.unscored.clear()
         while pending.refs or pending.verdicts:
             ready, _ = ray.wait([*pending.refs, *pending.verdicts], num_returns=1, timeout=POLL_S)
             if not ready:
@@ -235,6 +268,7 @@ class RolloutStream:
             "faults/engine_chunks_resent": pending.engines_lost,
             "faults/verifier_chunks_resent": pending.verifiers_lost,
             "time/verify_s": pending.verify_s, "time/verify_tail_s": pending.verify_tail_s,
+            "perf/rollout_chunks_taken_early": pending.taken_early,
             "time/calibrate_s": time.time() - t0}
 
     def _cut_hangs(self, pending: PendingRollout) -> None:
@@ -305,8 +339,9 @@ class RolloutStream:
             return ray.get(self.experts.get.remote(prompt_ids, self.cfg.algorithm.experts_per_group),
                            timeout=r.restart_timeout_s)
 
-    def _add_groups(self, pending: PendingRollout, verdict_ref) -> None:
-        """A chunk's verdicts arrived: add its groups, with their experts, to the stage."""
+    def _add_groups(self, pending: PendingRollout, verdict_ref, score_now: bool = True) -> None:
+        """A chunk's verdicts arrived: add its groups, with their experts, to the stage (and send them
+        to the learners' old log-probs, now or, `score_now=False`, at `finish`)."""
         job = pending.verdicts.pop(verdict_ref)
         try:
             verdicts, verify_metrics = ray.get(verdict_ref)
@@ -326,7 +361,10 @@ class RolloutStream:
             pending.stage.add(groups[-1])
             i += n
         if self.score_rows is not None and not self.cfg.algorithm.dynamic_sampling:
-            self._score_early(pending, groups, first)
+            if score_now:
+                self._score_early(pending, groups, first)
+            else:
+                pending.unscored.append((groups, first))
 
     def _score_early(self, pending: PendingRollout, groups: list[Group], first: int) -> None:
         """Send the chunk's rows (every response, and every expert unless the step takes none) to the

@@ -248,7 +248,7 @@ class Trainer:
         next_pending = self.start_rollout(self.step + 1) if one_step_off else None
 
         # old log-probs of every row (experts included) -> each row's expert baseline
-        old_logp, entropy, streamed = self.old_logprobs(pending, batch)
+        old_logp, entropy, streamed = self.old_logprobs(pending, batch, next_pending)
         attach_expert_logprobs(batch, old_logp)
         t_logp = time.time()
 
@@ -256,7 +256,7 @@ class Trainer:
                                  loss_kwargs=self.loss_kwargs(),
                                  mini_batches=c.trainer.prompts_per_step // c.learner.mini_batch_prompts,
                                  epochs=c.learner.ppo_epochs, what="the update",
-                                 timeout=c.reliability.train_timeout_s)
+                                 timeout=c.reliability.train_timeout_s, rollout=next_pending)
         t_train = time.time()
         # staleness against the weights that just trained
         metrics |= batch_metrics(batch, entropy, version=self.version)
@@ -276,18 +276,20 @@ class Trainer:
         self.progress.advance(**{label: metrics[k] for label, k in PROGRESS_KEYS.items() if k in metrics})
         return next_pending
 
-    def old_logprobs(self, pending: PendingRollout, batch) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    def old_logprobs(self, pending: PendingRollout, batch,
+                     next_pending: PendingRollout | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
         """(old log-probs, entropy, streamed) of every row of the step's batch: from the chunks scored
-        while the step generated when they cover the batch, else one pass over it now."""
+        while the step generated when they cover the batch, else one pass over it now. Meanwhile,
+        `next_pending`'s finished chunks are taken in."""
         timeout = self.cfg.reliability.logprobs_timeout_s
         shape = tuple(batch.response_ids.shape)
         placed = place_rows(pending.logprob_parts, batch)
         if placed is None:
             results = self.on_learners("compute_logprobs", ray.put(batch), what="old log-probs",
-                                       timeout=timeout)
+                                       timeout=timeout, rollout=next_pending)
             return (gather_rank_rows(results, "logp", shape), gather_rank_rows(results, "entropy", shape),
                     False)
-        results = [self.wait_learners(part.refs, what="old log-probs", timeout=timeout)
+        results = [self.wait_learners(part.refs, what="old log-probs", timeout=timeout, rollout=next_pending)
                    for part in pending.logprob_parts]
         return (gather_parts(pending.logprob_parts, placed, results, shape, "logp"),
                 gather_parts(pending.logprob_parts, placed, results, shape, "entropy"), True)
@@ -379,25 +381,35 @@ class Trainer:
         return (f"step {self.step}: rollout-{index} did not come back within {timeout:.0f} s "
                 f"(reliability.restart_timeout_s) after it was lost ({why}); {self.resume_hint()}")
 
-    def on_learners(self, method: str, *args, what: str, timeout: float | None = None, **kwargs) -> list:
+    def on_learners(self, method: str, *args, what: str, timeout: float | None = None,
+                    rollout: PendingRollout | None = None, **kwargs) -> list:
         """Call `method` on every learner rank and wait, at most `timeout` seconds; a rank that dies or
         a call past its deadline stops the run naming the rank and what it was doing (ZeRO cannot go
-        on without a rank: resume from the last checkpoint)."""
-        return self.wait_learners(self.learners.run(method, *args, **kwargs), what=what, timeout=timeout)
+        on without a rank: resume from the last checkpoint). Meanwhile, `rollout`'s finished chunks
+        are taken in (`RolloutStream.take`)."""
+        return self.wait_learners(self.learners.run(method, *args, **kwargs), what=what, timeout=timeout,
+                                  rollout=rollout)
 
-    def wait_learners(self, refs: list, *, what: str, timeout: float | None = None) -> list:
-        """Wait for one call on every learner rank (`on_learners`' deadline and lost-rank handling)."""
+    def wait_learners(self, refs: list, *, what: str, timeout: float | None = None,
+                      rollout: PendingRollout | None = None) -> list:
+        """Wait for one call on every learner rank (`on_learners`' deadline and lost-rank handling),
+        taking in `rollout`'s finished chunks meanwhile."""
         timeout = timeout or self.cfg.reliability.train_timeout_s
         rank_of = {ref: rank for rank, ref in enumerate(refs)}
         deadline = time.time() + timeout
         waiting = list(refs)
         while waiting:
             left = max(0.0, deadline - time.time())
-            ready, waiting = ray.wait(waiting, num_returns=1, timeout=left)
+            streaming = self.stream.in_flight(rollout) if rollout else []
+            ready, _ = ray.wait(waiting + streaming, num_returns=1, timeout=left)
             if not ready:
                 ranks = ", ".join(f"learner-{rank_of[ref]}" for ref in waiting)
                 raise RunStopped(f"step {self.step}: {ranks} did not finish {what} within {timeout:.0f} s "
                                  f"(reliability deadline); {self.resume_hint()}")
+            if ready[0] not in rank_of:
+                self.stream.take(rollout, ready[0])
+                continue
+            waiting.remove(ready[0])
             try:
                 ray.get(ready[0])
             except ray.exceptions.RayActorError as e:

@@ -1,6 +1,8 @@
 """Lost actors, injected by signals to the real processes, in one run of the real stack (2 engines,
 2 verifiers, 2 ZeRO learners, the expert store): an engine SIGKILLed mid-step has its prompts sent
-to the other engine and comes back with the current weights; a verifier SIGSTOPped mid-step is cut
+to the other engine and comes back with the current weights, also when it dies while one-step-off
+mode generates the next step during an update (the driver takes the other engine's chunks in
+meanwhile); a verifier SIGSTOPped mid-step is cut
 off by its deadline and its chunk scored elsewhere; a SIGKILLed expert store comes back; each step
 completes with every group. A SIGKILLed learner rank stops the run with a message naming it. And
 SIGTERM to the driver stops `calibrl train` at a step boundary with a checkpoint, exit status 0."""
@@ -92,11 +94,40 @@ def test_lost_actors_mid_step(ray_local, tiny_models, data, tmp_path):
         m = step(trainer, 4)
         assert m["calib/groups"] == 4 and m["calib/expert_rows"] == 4
 
+        # one-step-off: step 6 generates during step 5's update, and the driver takes its finished
+        # chunks in meanwhile; an engine killed right after step 6 is submitted is left to step 6's
+        # finish, which sends its prompts to the other engine and brings it back with the weights
+        trainer.cfg.trainer.one_step_off = True
+        pid = ray.get(trainer.rollout[0].info.remote())["pid"]
+        start = trainer.start_rollout
+
+        def start_then_kill(n):
+            pending = start(n)
+            os.kill(pid, signal.SIGKILL)
+            lost = [ref for ref, job in pending.refs.items() if job.worker == 0]
+            ray.wait(lost, num_returns=len(lost), timeout=60)  # Ray has seen the death before the update
+            return pending
+
+        trainer.step = 5
+        pending5 = start(5)
+        trainer.start_rollout = start_then_kill
+        pending6 = trainer.train_step(pending5)
+        trainer.start_rollout = start
+        assert pending6.step == 6 and pending6.taken_early >= 1  # engine 1's chunks, during step 5
+        assert pending6.failed  # engine 0's, left to finish
+        trainer.cfg.trainer.one_step_off = False
+        trainer.step = 6
+        assert trainer.train_step(pending6) is None
+        m = {r["step"]: r for r in read_metrics(trainer.out) if r["kind"] == "train"}[6]
+        assert m["calib/groups"] == 4 and m["faults/engine_chunks_resent"] >= 1
+        assert m["perf/rollout_chunks_taken_early"] >= 1 and m["weights/staleness_max"] == 1
+        assert [ray.get(w.info.remote())["weights_version"] for w in trainer.rollout] == [trainer.version] * 2
+
         # a learner rank dies: the run stops within the deadline, naming it
         os.kill(pid_of(trainer.learners.actors[1]), signal.SIGKILL)
         t0 = time.time()
         with pytest.raises(RunStopped, match=r"learner-1 died during .*trainer.resume=auto"):
-            step(trainer, 5)
+            step(trainer, 7)
         assert time.time() - t0 < 120
     finally:
         trainer.shutdown()
