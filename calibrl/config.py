@@ -216,7 +216,8 @@ class TrainerConfig:
     eval_max_prompts: int = 64
     """Validation prompts per val file (0 = all)."""
     one_step_off: bool = False
-    """Sample step t+1 while the learner trains step t (its samples are then 1 version old)."""
+    """Sample step t+1 while the learner trains step t (its samples are then 1 version old); while the
+    driver waits on the learners, it verifies step t+1's finished chunks and adds their groups."""
     stream_logprobs: bool = True
     """Compute the old log-probs of each chunk's groups on the learners as the chunk is verified,
     while the rest of the step generates (not under dynamic sampling, whose groups are only known at

@@ -122,7 +122,8 @@ class PendingRollout:
     logprob_parts: list[LogprobPart] = field(default_factory=list)
     """Old log-probs of the groups added so far, computed while the rest generates."""
     unscored: list[tuple[list[Group], int]] = field(default_factory=list)
-    """Groups `take` added (with their first group ordinal) whose old log-probs `finish` asks for."""
+    """Groups `take` added (each chunk's, with its first group ordinal) whose old log-probs `finish`
+    asks for, in one call."""
     failed: set = field(default_factory=set)
     """Generate refs whose engine failed while `take` looked: `finish` deals with them."""
     taken_early: int = 0
@@ -234,9 +235,10 @@ class RolloutStream:
         a, t = self.cfg.algorithm, self.cfg.trainer
         stage = pending.stage
         generated_at = None
-        for groups, first in pending.unscored:
-            self._score_early(pending, groups, first)
-        pending.unscored.clear()
+        if pending.unscored:  # taken in while the learners were busy: one call for all (contiguous ordinals)
+            self._score_early(pending, [g for groups, _ in pending.unscored for g in groups],
+                              pending.unscored[0][1])
+            pending.unscored.clear()
         while pending.refs or pending.verdicts:
             ready, _ = ray.wait([*pending.refs, *pending.verdicts], num_returns=1, timeout=POLL_S)
             if not ready:

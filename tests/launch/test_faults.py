@@ -121,6 +121,7 @@ def test_lost_actors_mid_step(ray_local, tiny_models, data, tmp_path):
         m = {r["step"]: r for r in read_metrics(trainer.out) if r["kind"] == "train"}[6]
         assert m["calib/groups"] == 4 and m["faults/engine_chunks_resent"] >= 1
         assert m["perf/rollout_chunks_taken_early"] >= 1 and m["weights/staleness_max"] == 1
+        assert m["perf/logprobs_streamed"] == 1  # the early chunks scored in one call, the resent one alone
         assert [ray.get(w.info.remote())["weights_version"] for w in trainer.rollout] == [trainer.version] * 2
 
         # a learner rank dies: the run stops within the deadline, naming it

@@ -58,6 +58,7 @@ def test_7b_recipe_shape_two_steps(ray_local, tiny_models, tmp_path):
         # and the driver took step 2's finished chunks in while it waited on step 1's learners
         assert steps[1]["perf/rollout_chunks_taken_early"] == 0
         assert steps[2]["perf/rollout_chunks_taken_early"] >= 1
+        assert steps[2]["perf/logprobs_streamed"] == 1  # their old log-probs, in one call, found every row
         assert steps[2]["train/update_norm"] > 0
         # every engine serves the final weights; both verifiers scored
         assert [ray.get(w.info.remote())["weights_version"] for w in trainer.rollout] == [2, 2]
