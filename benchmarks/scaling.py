@@ -39,7 +39,8 @@ REWARD = "verifier.reward_function=benchmarks.rewards:odd_length"
 
 def cpu_seconds() -> dict[str, float]:
     """CPU seconds (user + system) used so far by each role's processes (ROLES, and this process as
-    the driver), and `busy`: by the whole machine (/proc/stat, all but idle and iowait)."""
+    the driver); `busy`: by the whole machine (/proc/stat, all but idle and iowait), `steal` of which
+    the hypervisor gave to other guests."""
     tick = os.sysconf("SC_CLK_TCK")
     out = dict.fromkeys([role for role, _ in ROLES] + ["driver"], 0.0)
     for pid in filter(str.isdigit, os.listdir("/proc")):
@@ -56,6 +57,7 @@ def cpu_seconds() -> dict[str, float]:
     with open("/proc/stat") as f:
         cpu = [int(x) for x in f.readline().split()[1:]]
     out["busy"] = (sum(cpu[:8]) - cpu[3] - cpu[4]) / tick  # user..steal, less idle and iowait
+    out["steal"] = cpu[7] / tick  # taken by the hypervisor for other guests
     return out
 
 
@@ -172,11 +174,11 @@ def main() -> None:
              "one-step-off": async_}
     table("The demo's RL step (configs/cpu_demo.yaml, 64 prompts x 4, 4 updates)", modes, "mode")
     print(f"\nWhere the CPU went: CPU seconds per step of each role's processes (busy: the whole machine), "
-          f"and the cores kept busy ({os.cpu_count()} here)")
-    print("| mode | learner | rollout | verifier | driver | busy | cores busy |")
-    print("|---|---|---|---|---|---|---|")
+          f"steal: the hypervisor's for other guests; and the cores kept busy ({os.cpu_count()} here)")
+    print("| mode | learner | rollout | verifier | driver | busy | steal | cores busy |")
+    print("|---|---|---|---|---|---|---|---|")
     for name, r in modes.items():
-        cells = (r["cpu"][k] for k in (*dict(ROLES), "driver", "busy", "cores"))
+        cells = (r["cpu"][k] for k in (*dict(ROLES), "driver", "busy", "steal", "cores"))
         print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in cells) + " |")
     learn = after["time/logprobs_s"] + after["time/train_s"]
     bound = max(after["time/rollout_s"], learn)
