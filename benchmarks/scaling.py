@@ -11,8 +11,9 @@ ways, side by side: synchronous with the old log-probs after generation, synchro
 streamed during generation (the default), and one-step-off: its step time against max(rollout, log-probs
 + train) of the synchronous run (target <= 1.15x), and where the CPU went in each: CPU seconds per
 step of the learner, rollout, verifier and driver processes (/proc, between the end of the warm-up
-step and the end of the last), and how many cores the whole machine kept busy. Every run scores responses with
-benchmarks/rewards.py:odd_length, which a random model earns half the time, so every step trains.
+step and the end of the last), the whole machine's busy seconds, the hypervisor's steal among them,
+and how many cores were kept busy. Every run scores responses with benchmarks/rewards.py:odd_length,
+which a random model earns half the time, so every step trains.
 Prints the tables and the fitted slopes (seconds per completion, least squares), and writes
 `scaling.png` (the curves) to --out.
 """
