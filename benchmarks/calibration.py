@@ -105,8 +105,9 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def best_times(fns, repeats: int) -> list[float]:
-    """Fastest of `repeats` runs of each fn, run alternately (other processes share the cores)."""
+def best_times(fns, repeats: int, pick=min) -> list[float]:
+    """Fastest (or `pick` of) `repeats` runs of each fn, run alternately (other processes share the
+    cores), after a warm-up round."""
     for fn in fns:
         fn()  # warm-up
     times = [[] for _ in fns]
@@ -115,20 +116,7 @@ def best_times(fns, repeats: int) -> list[float]:
             start = time.perf_counter()
             fn()
             ts.append(time.perf_counter() - start)
-    return [min(ts) for ts in times]
-
-
-def median_times(fns, repeats: int) -> list[float]:
-    """Median of `repeats` runs of each fn, run alternately after a warm-up round."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, ts in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - start)
-    return [statistics.median(ts) for ts in times]
+    return [pick(ts) for ts in times]
 
 
 def micro_batch_update(rows: int = 16, prompt_len: int = 64, response_len: int = 48, repeats: int = 100):
@@ -172,8 +160,9 @@ def micro_batch_update(rows: int = 16, prompt_len: int = 64, response_len: int =
             loss_of(kind, logp).backward()
         return step
 
-    calib_loss, grpo_loss = median_times([loss_alone("calibrl"), loss_alone("grpo")], repeats)
-    calib_update, grpo_update = median_times([update("calibrl"), update("grpo")], max(10, repeats // 5))
+    median = statistics.median
+    calib_loss, grpo_loss = best_times([loss_alone("calibrl"), loss_alone("grpo")], repeats, median)
+    calib_update, grpo_update = best_times([update("calibrl"), update("grpo")], max(10, repeats // 5), median)
     return {"calibrl": (calib_loss, calib_update), "grpo": (grpo_loss, grpo_update)}
 
 
