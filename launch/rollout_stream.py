@@ -235,9 +235,11 @@ class RolloutStream:
         a, t = self.cfg.algorithm, self.cfg.trainer
         stage = pending.stage
         generated_at = None
-        if pending.unscored:  # taken in while the learners were busy: one call for all (contiguous ordinals)
-            self._score_early(pending, [g for groups, _ in pending.unscored for g in groups],
-                              pending.unscored[0][1])
+        if pending.unscored:  # taken in while the learners were busy: one call for all
+            firsts = [first for _, first in pending.unscored]
+            ends = [first + len(groups) for groups, first in pending.unscored]
+            assert firsts[1:] == ends[:-1], "groups taken in must have contiguous ordinals"  # rows by key
+            self._score_early(pending, [g for groups, _ in pending.unscored for g in groups], firsts[0])
             pending.unscored.clear()
         while pending.refs or pending.verdicts:
             ready, _ = ray.wait([*pending.refs, *pending.verdicts], num_returns=1, timeout=POLL_S)
