@@ -11,7 +11,7 @@ ways, side by side: synchronous with the old log-probs after generation, synchro
 streamed during generation (the default), and one-step-off: its step time against max(rollout, log-probs
 + train) of the synchronous run (target <= 1.15x), and where the CPU went in each: CPU seconds per
 step of the learner, rollout, verifier and driver processes (/proc, between the end of the warm-up
-step and the end of the last), the whole machine's busy seconds, the hypervisor's steal among them,
+step and the end of the last, by psutil), the whole machine's busy seconds, the hypervisor's steal among them,
 and how many cores were kept busy. Every run scores responses with benchmarks/rewards.py:odd_length,
 which a random model earns half the time, so every step trains.
 Prints the tables and the fitted slopes (seconds per completion, least squares), and writes
@@ -39,26 +39,21 @@ REWARD = "verifier.reward_function=benchmarks.rewards:odd_length"
 
 
 def cpu_seconds() -> dict[str, float]:
-    """CPU seconds (user + system) used so far by each role's processes (ROLES, and this process as
-    the driver); `busy`: by the whole machine (/proc/stat, all but idle and iowait), `steal` of which
-    the hypervisor gave to other guests."""
-    tick = os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) used so far by each role's processes (ROLES, matched by their Ray
+    process titles, and this process as the driver); `busy`: by the whole machine (all but idle and
+    iowait), `steal` of which the hypervisor gave to other guests."""
+    import psutil
+
     out = dict.fromkeys([role for role, _ in ROLES] + ["driver"], 0.0)
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().decode(errors="replace")
-        except OSError:  # gone meanwhile
-            continue
-        role = "driver" if int(pid) == os.getpid() else next((r for r, p in ROLES if cmd.startswith(p)), None)
-        if role:
-            out[role] += (int(fields[11]) + int(fields[12])) / tick
-    with open("/proc/stat") as f:
-        cpu = [int(x) for x in f.readline().split()[1:]]
-    out["busy"] = (sum(cpu[:8]) - cpu[3] - cpu[4]) / tick  # user..steal, less idle and iowait
-    out["steal"] = cpu[7] / tick  # taken by the hypervisor for other guests
+    for proc in psutil.process_iter(["cmdline", "cpu_times"]):
+        title, used = (proc.info["cmdline"] or [""])[0], proc.info["cpu_times"]
+        role = next((r for r, prefix in ROLES if title.startswith(prefix)), None)
+        role = "driver" if proc.pid == os.getpid() else role
+        if role and used:
+            out[role] += used.user + used.system
+    machine = psutil.cpu_times()
+    out["busy"] = sum(machine) - machine.idle - machine.iowait - machine.guest - machine.guest_nice
+    out["steal"] = machine.steal
     return out
 
 

@@ -219,15 +219,20 @@ class RolloutStream:
         `finish`, which recovers it with the weights of that moment."""
         if ref in pending.verdicts:
             self._add_groups(pending, ref, score_now=False)
-            return
+        elif self._chunk_generated(pending, ref) is None:
+            pending.taken_early += 1
+        else:
+            pending.failed.add(ref)
+
+    def _chunk_generated(self, pending: PendingRollout, ref) -> str | None:
+        """A chunk's generate call returned: send the chunk to the verifiers, or say how its engine
+        failed (the chunk then stays in `pending.refs`)."""
         try:
             results = ray.get(ref)
-        except ray.exceptions.RayActorError:
-            pending.failed.add(ref)
-            return
-        job = pending.refs.pop(ref)
-        pending.taken_early += 1
-        self._verify(pending, job.examples, results)
+        except ray.exceptions.RayActorError as e:
+            return f"died ({type(e).__name__})"
+        self._verify(pending, pending.refs.pop(ref).examples, results)
+        return None
 
     def finish(self, pending: PendingRollout) -> tuple[TrainBatch, dict[str, float]]:
         """Verify completed chunks as they come and add their groups as their verdicts come (refilling
@@ -246,11 +251,9 @@ class RolloutStream:
             if not ready:
                 self._cut_hangs(pending)
             elif ready[0] in pending.refs:
-                job = pending.refs.pop(ready[0])
-                try:
-                    self._verify(pending, job.examples, ray.get(ready[0]))
-                except ray.exceptions.RayActorError as e:
-                    self._engine_lost(pending, job, f"died ({type(e).__name__})")
+                failure = self._chunk_generated(pending, ready[0])
+                if failure:
+                    self._engine_lost(pending, pending.refs.pop(ready[0]), failure)
             else:
                 self._add_groups(pending, ready[0])
             if not pending.refs and generated_at is None:
