@@ -11,9 +11,10 @@
    worker can send through Ray without a copy; with lists, converting them is most of the stage's
    time).
 2. Loss: forward + backward of `calibrl_loss` against `ppo_loss` (the GRPO loss, same dual clip)
-   on the assembled batch's shapes, fastest of `--repeats` alternating runs, metrics included in both:
-   first with the kernels run eagerly (the default), then fused by `compile_loss_kernels()`
-   (`learner.compile_loss=true`).
+   on the assembled batch's first 16 rows (one group: a learner's micro-batch), 64, 512 and all of
+   them, median of alternating runs (`--repeats` for the whole batch, more for fewer rows), metrics
+   included in both: first run eagerly, then fused by `compile_loss_kernels()` (what a learner does
+   with `learner.compile_loss`).
 3. The loss inside a micro-batch update at the demo's shape (16 rows x 48 response tokens after a
    64-token prompt, the tiny Qwen2 of `calibrl.tiny_models`, eager): the model's forward
    (`response_logprobs`) + each loss + backward, median of alternating runs; what the calibration
@@ -119,6 +120,26 @@ def best_times(fns, repeats: int, pick=min) -> list[float]:
     return [pick(ts) for ts in times]
 
 
+def loss_times(batch, logp0, adv, rows: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of calibrl_loss and ppo_loss forward + backward over the batch's first `rows`
+    rows, metrics included in both, run alternately."""
+    old, mask, expert = batch.old_logp[:rows], batch.response_mask[:rows], batch.is_expert[:rows]
+
+    def calib():
+        logp = logp0[:rows].clone().requires_grad_()
+        loss, _ = calibrl_loss(logp, old, adv[:rows], mask, expert, batch.passed[:rows],
+                               batch.expert_old_logp[:rows], has_expert=batch.has_expert[:rows])
+        loss.backward()
+
+    def grpo():
+        logp = logp0[:rows].clone().requires_grad_()
+        loss, _ = ppo_loss(logp, old, adv[:rows], mask, expert)
+        loss.backward()
+
+    calib_s, grpo_s = best_times([calib, grpo], repeats, statistics.median)
+    return calib_s, grpo_s
+
+
 def micro_batch_update(rows: int = 16, prompt_len: int = 64, response_len: int = 48, repeats: int = 100):
     """Seconds of (loss alone, model forward + loss + backward) for calibrl_loss and the GRPO loss at one
     micro-batch of the demo's shape: {"calibrl": (loss, update), "grpo": (loss, update)}."""
@@ -195,7 +216,8 @@ def compare_stage(num_groups: int, n: int, max_len: int, max_prompt: int, *, arr
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="32 groups x 256 tokens: a quick check")
-    parser.add_argument("--repeats", type=int, default=15, help="loss timing repeats (fastest counts)")
+    parser.add_argument("--repeats", type=int, default=15,
+                        help="loss timing repeats over the whole batch (median counts)")
     parser.add_argument("--stage-repeats", type=int, default=3,
                         help="stage / loop timing repeats (fastest counts)")
     args = parser.parse_args()
@@ -210,25 +232,16 @@ def main() -> None:
     batch, t_stage_arrays, t_loop_arrays = compare_stage(num_groups, n, max_len, max_prompt, arrays=True,
                                                       repeats=args.stage_repeats)
 
-    # loss forward + backward at the batch's shapes (mixed pass/fail, experts present)
+    # loss forward + backward at the batch's shapes (mixed pass/fail, experts present): its first
+    # rows (16 = one group, a learner's micro-batch) up to the whole batch
     gen = torch.Generator().manual_seed(1)
     logp0 = (batch.old_logp + 0.3 * torch.randn(batch.old_logp.shape, generator=gen)).clamp(max=-1e-4)
     adv = torch.randn(rows, generator=gen)
-
-    def calib():
-        logp = logp0.clone().requires_grad_()
-        loss, _ = calibrl_loss(logp, batch.old_logp, adv, batch.response_mask, batch.is_expert, batch.passed,
-                               batch.expert_old_logp, has_expert=batch.has_expert)
-        loss.backward()
-
-    def grpo():
-        logp = logp0.clone().requires_grad_()
-        loss, _ = ppo_loss(logp, batch.old_logp, adv, batch.response_mask, batch.is_expert)
-        loss.backward()
-
-    t_calib, t_grpo = best_times([calib, grpo], args.repeats)
+    sizes = [(r, k * args.repeats) for r, k in ((16, 20), (64, 10), (512, 2)) if r < rows]
+    sizes.append((rows, args.repeats))
+    eager = {r: loss_times(batch, logp0, adv, r, n) for r, n in sizes}
     compile_loss_kernels()
-    t_calib_c, t_grpo_c = best_times([calib, grpo], args.repeats)
+    fused = {r: loss_times(batch, logp0, adv, r, n) for r, n in sizes}
     compile_loss_kernels(False)
     micro = micro_batch_update()
 
@@ -245,11 +258,13 @@ def main() -> None:
     row("ids/log-probs as numpy arrays: per-sample loop", t_loop_arrays)
     row("ids/log-probs as numpy arrays: CalibrationStage + attach", t_stage_arrays,
         f"{t_loop_arrays / t_stage_arrays:.1f}x", ">= 30x")
-    row("ppo_loss (GRPO) forward+backward, eager kernels", t_grpo)
-    row("calibrl_loss forward+backward, eager kernels", t_calib, f"{t_calib / t_grpo:.2f}x", "<= 1.10x")
-    row("ppo_loss (GRPO) forward+backward, compiled kernels", t_grpo_c)
-    row("calibrl_loss forward+backward, compiled kernels", t_calib_c, f"{t_calib_c / t_grpo_c:.2f}x",
-        "<= 1.10x")
+    width = batch.response_ids.shape[1]
+    for kind, times in (("eager", eager), ("compiled", fused)):
+        for r, _ in sizes:
+            calib_s, grpo_s = times[r]
+            row(f"{r} x {width} tokens, {kind}: ppo_loss (GRPO) forward+backward", grpo_s)
+            row(f"{r} x {width} tokens, {kind}: calibrl_loss forward+backward", calib_s,
+                f"{calib_s / grpo_s:.2f}x", "<= 1.10x")
     (calib_loss, calib_update), (grpo_loss, grpo_update) = micro["calibrl"], micro["grpo"]
     row("micro-batch (16 x 48 tokens): ppo_loss alone, eager", grpo_loss)
     row("micro-batch: calibrl_loss alone, eager", calib_loss, f"{calib_loss / grpo_loss:.2f}x")
@@ -258,9 +273,12 @@ def main() -> None:
         f"{calib_update / grpo_update:.2f}x")
     print(f"\noutputs equal ({len(FIELDS)} fields, {rows} rows x {batch.response_ids.shape[1]} tokens, "
           f"both input kinds); stage speed-up {t_loop_lists / t_stage_lists:.1f}x (lists) / "
-          f"{t_loop_arrays / t_stage_arrays:.1f}x (arrays); calibrl_loss / GRPO loss {t_calib / t_grpo:.2f}x "
-          f"(eager), {t_calib_c / t_grpo_c:.2f}x (compiled); a demo-shaped micro-batch update with "
-          f"calibrl_loss {calib_update / grpo_update:.2f}x the one with GRPO's (the loss alone "
+          f"{t_loop_arrays / t_stage_arrays:.1f}x (arrays); calibrl_loss / GRPO loss at "
+          f"{', '.join(str(r) for r, _ in sizes)} rows: "
+          f"{', '.join(f'{eager[r][0] / eager[r][1]:.2f}x' for r, _ in sizes)} (eager), "
+          f"{', '.join(f'{fused[r][0] / fused[r][1]:.2f}x' for r, _ in sizes)} (compiled); "
+          f"a demo-shaped micro-batch update with calibrl_loss {calib_update / grpo_update:.2f}x "
+          f"the one with GRPO's (the loss alone "
           f"{calib_loss / grpo_loss:.2f}x, {(calib_loss - grpo_loss) / grpo_update:.1%} of the update)")
 
 

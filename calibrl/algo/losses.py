@@ -90,7 +90,9 @@ def _or(global_count: float | None, local_count: Tensor) -> Tensor | float:
 # The PG and calibration terms are elementwise in logp, so their derivatives are closed forms:
 # computing them with the values (one pass, no graph) and handing them to autograd as a
 # precomputed gradient (`_attach`) costs one multiply in backward, where autograd would replay
-# every elementwise op. `compile_loss_kernels()` fuses each kernel below into one loop.
+# every elementwise op. `_ppo_terms` and `_calibrl_terms` are the whole GRPO and CalibRL losses
+# (masks, normalisers, kernel, metrics) without autograd, so that `compile_loss_kernels()` fuses each
+# into one loop; the public losses validate their arguments and attach the result to `logp`.
 
 
 class _WithGrad(torch.autograd.Function):
@@ -112,34 +114,39 @@ def _attach(logp: Tensor, value: Tensor, dvalue: Tensor) -> Tensor:
     return _WithGrad.apply(logp, value, dvalue) if logp.requires_grad and torch.is_grad_enabled() else value
 
 
-def _dual_clip_tokens(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
-                      clip_ratio_c: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Section 3 per token: (loss, d loss / d logp, ratio, log ratio, clipped), each (B, T).
+def _clip_bounds(advantages: Tensor, clip_low: float, clip_high: float, clip_ratio_c: float,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Per row (B, 1), the ratio's range where section 3's loss follows -A rho: the loss is
+    -A clamp(rho, lower, upper). max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)) is -A min(rho,
+    1+eps_high) where A > 0 and -A max(rho, 1-eps_low) where A < 0, which the dual clip caps at -A c:
+    (lower, upper) = (-inf, 1+eps_high) where A >= 0 (A = 0 rows have loss 0 either way), else
+    (1-eps_low, c)."""
+    negative = (advantages < 0).unsqueeze(-1)
+    lower = torch.where(negative, 1.0 - clip_low, float("-inf")).to(dtype)
+    upper = torch.where(negative, clip_ratio_c, 1.0 + clip_high).to(dtype)
+    return lower, upper
 
-    loss = max(-A rho, -A clip(rho, 1-eps_low, 1+eps_high)), then min(loss, -A c) where A < 0; its
-    derivative is -A rho (the unclipped branch's own value) where no clip set it (ties included, as
-    the max/min's would be), else 0."""
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
+
+def _dual_clip_tokens(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
+                      clip_ratio_c: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Section 3 per token: (loss, d loss / d logp, ratio), each (B, T). The derivative is -A rho
+    (the unclipped branch's own value) where no clip set the loss (ties included, as max/min's
+    would be), else 0."""
+    ratio = torch.exp(logp - old_logp)
     neg_adv = -advantages.unsqueeze(-1)
-    unclipped = ratio * neg_adv
-    value = torch.maximum(ratio.clamp(1.0 - clip_low, 1.0 + clip_high) * neg_adv, unclipped)
-    cap = torch.where(advantages < 0, -advantages * clip_ratio_c, torch.full_like(advantages, float("inf")))
-    value = torch.minimum(value, cap.unsqueeze(-1))
-    clipped = value != unclipped
+    clamped = torch.clamp(ratio, *_clip_bounds(advantages, clip_low, clip_high, clip_ratio_c, ratio.dtype))
     # a product, not where(): a NaN (say, a NaN advantage) reaches the gradient, as autograd's would,
     # so the learner's non-finite check sees it
-    return value, unclipped * ~clipped, ratio, log_ratio, clipped
+    return clamped * neg_adv, (clamped == ratio) * ratio * neg_adv, ratio
 
 
 def _calibration_tokens(logp: Tensor, baseline_logp: Tensor, scale: Tensor,
-                        alpha: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Section 4 per token, with scale = -s |A| (B, 1): (g = LeakyReLU(u), d g / d logp, u > 0, gap),
-    u = scale * gap, gap = logp - b; |A| LeakyReLU(z) = LeakyReLU(|A| z) as |A| >= 0."""
-    gap = logp - baseline_logp
-    u = gap * scale
-    full = u > 0
-    return torch.where(full, u, alpha * u), torch.where(full, scale, alpha * scale), full, gap
+                        alpha: float) -> tuple[Tensor, Tensor]:
+    """Section 4 per token, with scale = -s |A| (B, 1): (g = LeakyReLU(u), d g / d logp), u = scale *
+    (logp - b); |A| LeakyReLU(z) = LeakyReLU(|A| z) as |A| >= 0."""
+    u = (logp - baseline_logp) * scale
+    return torch.nn.functional.leaky_relu(u, alpha), torch.ops.aten.leaky_relu_backward(
+        scale.expand_as(u), u, alpha, False)
 
 
 def _pg_kernel(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, weights: Tensor,
@@ -147,16 +154,27 @@ def _pg_kernel(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
                diagnostics: bool) -> tuple[Tensor, dict[str, Tensor]]:
     """The weighted dual-clip PG: (d loss / d logp (B, T), sums). mask: (B, T) float, the loss
     tokens; weights: their aggregation weights. sums: loss, clipped_rows (B,), dual, kl (k3 of old
-    vs current: 1/rho - 1 + log rho), grad_sq (with diagnostics)."""
-    value, dvalue, ratio, log_ratio, clipped = _dual_clip_tokens(logp, old_logp, advantages, clip_low,
-                                                                  clip_high, clip_ratio_c)
-    dual_at = torch.where(advantages < 0, clip_ratio_c, float("inf")).unsqueeze(-1)
-    grad = dvalue * weights
-    sums = {"loss": (value * weights).sum(), "clipped_rows": (clipped * mask).sum(-1),
-            "dual": ((ratio > dual_at) * mask).sum(),
-            "kl": ((ratio.reciprocal() - 1.0 + log_ratio) * mask).sum()}
+    vs current: 1/rho - 1 + log rho), grad_sq (with diagnostics).
+
+    Written for eager mode as much as for the compiler: float ops only (comparisons into float
+    tensors, in place), reductions as dot products, no (B, T) temporary that an in-place op can
+    reuse; `_dual_clip_tokens` is the same math, spelled plainly."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    neg_adv = -advantages.unsqueeze(-1)
+    lower, upper = _clip_bounds(advantages, clip_low, clip_high, clip_ratio_c, ratio.dtype)
+    kept = torch.clamp(ratio, lower, upper)
+    value = kept * neg_adv
+    kept.eq_(ratio)  # 1.0 where no clip set the loss
+    clipped_rows = mask.sum(-1) - torch.linalg.vecdot(kept, mask)
+    grad = kept.mul_(ratio).mul_(neg_adv).mul_(weights)  # a NaN advantage reaches the gradient
+    dual_at = torch.where(advantages < 0, clip_ratio_c, float("inf")).to(ratio.dtype).unsqueeze(-1)
+    over = (ratio - dual_at).clamp_(min=0.0).sign_()
+    kl = ratio.reciprocal_().sub_(1.0).add_(log_ratio)
+    sums = {"loss": _dot(value, weights), "clipped_rows": clipped_rows, "dual": _dot(over, mask),
+            "kl": _dot(kl, mask)}
     if diagnostics:
-        sums["grad_sq"] = grad.square().sum()
+        sums["grad_sq"] = _dot(grad, grad)
     return grad, sums
 
 
@@ -165,26 +183,91 @@ def _calibrl_kernel(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
                     clip_high: float, clip_ratio_c: float, alpha: float, lam: float,
                     diagnostics: bool) -> tuple[Tensor, dict[str, Tensor]]:
     """PG + lam x calibration term: (d loss / d logp, sums); `_pg_kernel`'s sums plus calib, full
-    (tokens on the slope-1 branch) and gap (sum of logp - b over tokens with an expert)."""
-    grad_pg, sums = _pg_kernel(logp, old_logp, advantages, mask, weights, clip_low, clip_high, clip_ratio_c,
-                               diagnostics)
-    value, dvalue, full, gap = _calibration_tokens(logp, baseline_logp, scale, alpha)
-    grad_calib = dvalue * (lam * weights)
-    sums |= {"calib": (value * weights).sum(), "full": (full * mask).sum(),
-             "gap": (gap * (mask * with_expert)).sum()}
+    (tokens on the slope-1 branch) and gap (sum of logp - b over tokens with an expert).
+
+    With w the aggregation weights and u = scale * w * gap (the sign of scale * gap where w > 0):
+    the term's weighted gradient is d = LeakyReLU'(u) * scale * w, and its weighted value
+    LeakyReLU(scale * gap) * w is d * gap."""
+    grad, sums = _pg_kernel(logp, old_logp, advantages, mask, weights, clip_low, clip_high, clip_ratio_c,
+                            diagnostics)
+    gap = logp - baseline_logp
+    scaled_weights = weights * scale
+    u = gap * scaled_weights
+    dcalib = torch.ops.aten.leaky_relu_backward(scaled_weights, u, alpha, False)
+    grad.add_(dcalib, alpha=lam)
+    sums |= {"calib": _dot(dcalib, gap), "full": u.clamp_(min=0.0).sign_().sum(),
+             "gap": torch.dot(torch.linalg.vecdot(gap, mask), with_expert)}
     if diagnostics:
-        sums["grad_sq_calib"] = grad_calib.square().sum()
-    return grad_pg + grad_calib, sums
+        sums["grad_sq_calib"] = lam * lam * _dot(dcalib, dcalib)
+    return grad, sums
 
 
-_KERNELS = {"pg": _pg_kernel, "calibrl": _calibrl_kernel}
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b) over two (B, T) tensors, without the product's buffer."""
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
+def _ppo_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor,
+               global_tokens: float | None, global_seqs: float | None, agg: str, norm_length: int | None,
+               clip_low: float, clip_high: float, clip_ratio_c: float,
+               diagnostics: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """`ppo_loss` without autograd: (loss, d loss / d logp, metrics), in one compilable function."""
+    mask = _on_policy_mask(response_mask, is_expert, logp.dtype)
+    denom = _or(global_tokens, mask.sum())
+    weights = token_weights(mask, agg=agg, global_tokens=denom, global_seqs=global_seqs,
+                            norm_length=norm_length)
+    grad, sums = _pg_kernel(logp, old_logp, advantages, mask, weights, clip_low, clip_high, clip_ratio_c,
+                            diagnostics)
+    metrics = {"pg_loss": sums["loss"]} | _pg_metrics(sums, advantages, denom)
+    if diagnostics:
+        metrics["grad_sq_pg"] = sums["grad_sq"]
+    return sums["loss"], grad, metrics
+
+
+def _calibrl_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor,
+                   is_expert: Tensor, passed: Tensor, baseline_logp: Tensor, has_expert: Tensor | None,
+                   global_tokens: float | None, global_seqs: float | None, agg: str,
+                   norm_length: int | None, clip_low: float, clip_high: float, clip_ratio_c: float,
+                   alpha: float, lam: float, calib_weight: str, no_expert_baseline: str,
+                   diagnostics: bool) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+    """`calibrl_loss` without autograd: (loss, d loss / d logp, metrics), in one compilable function."""
+    mask = _on_policy_mask(response_mask, is_expert, logp.dtype)
+    tokens_per_row = mask.sum(-1)
+    denom = _or(global_tokens, tokens_per_row.sum())
+    weights = token_weights(mask, agg=agg, global_tokens=denom, global_seqs=global_seqs,
+                            norm_length=norm_length)
+    # |A_i| (or 1) on the rows where the term acts
+    calib_adv = advantages.abs() if calib_weight == "abs_advantage" else torch.ones_like(advantages)
+    if has_expert is not None and no_expert_baseline == "none":
+        calib_adv = calib_adv * has_expert.to(advantages.dtype)
+    with_expert = torch.ones_like(tokens_per_row) if has_expert is None else has_expert.to(mask.dtype)
+    grad, sums = _calibrl_kernel(logp, old_logp, advantages, mask, weights, baseline_logp,
+                                 _calibration_scale(calib_adv, passed), with_expert, clip_low, clip_high,
+                                 clip_ratio_c, alpha, lam, diagnostics)
+    metrics = {"pg_loss": sums["loss"], "calib_loss": sums["calib"]} | _pg_metrics(sums, advantages, denom)
+    acting = (calib_adv != 0).to(mask.dtype)  # rows where the term acts (|A| > 0, an expert)
+    metrics["calib_branch_full_frac"] = sums["full"] / denom
+    metrics["calib_branch_alpha_frac"] = (torch.dot(tokens_per_row, acting) - sums["full"]) / denom
+    metrics["expert_policy_gap"] = -sums["gap"] / denom
+    if diagnostics:
+        metrics |= {"grad_sq_pg": sums["grad_sq"], "grad_sq_calib": sums["grad_sq_calib"]}
+    return sums["loss"] + lam * sums["calib"], grad, metrics
+
+
+def _on_policy_mask(response_mask: Tensor, is_expert: Tensor, dtype: torch.dtype) -> Tensor:
+    """(B, T) float: response tokens of on-policy rows."""
+    return (~is_expert).to(dtype).unsqueeze(-1) * response_mask
+
+
+_KERNELS = {"pg": _pg_kernel, "ppo": _ppo_terms, "calibrl": _calibrl_terms}
 
 
 def compile_loss_kernels(enabled: bool = True) -> None:
-    """Run the PG and CalibRL kernels through `torch.compile` (one fused loop each; dynamic shapes),
-    or back in eager mode. Compiling costs seconds on the first call of each process."""
-    _KERNELS["pg"] = torch.compile(_pg_kernel, dynamic=True) if enabled else _pg_kernel
-    _KERNELS["calibrl"] = torch.compile(_calibrl_kernel, dynamic=True) if enabled else _calibrl_kernel
+    """Run the PG kernel and the whole GRPO and CalibRL losses through `torch.compile` (one fused loop
+    each; dynamic shapes), or back in eager mode. Compiling costs seconds on the first call of each
+    process."""
+    _KERNELS.update((name, torch.compile(fn, dynamic=True) if enabled else fn)
+                    for name, fn in {"pg": _pg_kernel, "ppo": _ppo_terms, "calibrl": _calibrl_terms}.items())
 
 
 def dual_clip_pg(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low: float = 0.2,
@@ -196,8 +279,8 @@ def dual_clip_pg(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low
     gradient flows through -A rho where no clip is active.
     """
     with torch.no_grad():
-        value, dvalue, ratio, _, _ = _dual_clip_tokens(logp, old_logp, advantages, clip_low, clip_high,
-                                                       clip_ratio_c)
+        value, dvalue, ratio = _dual_clip_tokens(logp, old_logp, advantages, clip_low, clip_high,
+                                                 clip_ratio_c)
     return _attach(logp, value, dvalue), ratio
 
 
@@ -214,8 +297,8 @@ def calibration_term(logp: Tensor, baseline_logp: Tensor, advantages: Tensor, pa
     advantages: (B,); passed: (B,) bool. Returns (B, T).
     """
     with torch.no_grad():
-        value, dvalue, _, _ = _calibration_tokens(logp, baseline_logp, _calibration_scale(advantages, passed),
-                                                  alpha)
+        scale = _calibration_scale(advantages, passed)
+        value, dvalue = _calibration_tokens(logp, baseline_logp, scale, alpha)
     return _attach(logp, value, dvalue)
 
 
@@ -252,18 +335,13 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: 
     and clip_high, which the caller passes. Returns (loss 0-d, metrics); with `diagnostics`,
     grad_sq_pg, the squared norm of the loss's gradient in logp (see `calibrl_loss`).
     """
-    mask = (response_mask & ~is_expert.unsqueeze(-1)).to(logp.dtype)
-    num_tokens = mask.sum()
-    denom = _or(global_tokens, num_tokens)
-    weights = token_weights(mask, agg=agg, global_tokens=denom, global_seqs=global_seqs,
-                            norm_length=norm_length)
+    if agg not in LOSS_AGGS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {', '.join(LOSS_AGGS)}")
     with torch.no_grad():
-        grad, sums = _KERNELS["pg"](logp.detach(), old_logp, advantages, mask, weights, clip_low, clip_high,
-                                    clip_ratio_c, diagnostics)
-        metrics = {"pg_loss": sums["loss"]} | _pg_metrics(sums, advantages, denom)
-        if diagnostics:
-            metrics["grad_sq_pg"] = sums["grad_sq"]
-    return _attach(logp, sums["loss"], grad), metrics
+        loss, grad, metrics = _KERNELS["ppo"](logp.detach(), old_logp, advantages, response_mask, is_expert,
+                                              global_tokens, global_seqs, agg,
+                                              norm_length, clip_low, clip_high, clip_ratio_c, diagnostics)
+    return _attach(logp, loss, grad), metrics
 
 
 def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor,
@@ -297,9 +375,6 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
     tokens add up over micro-batches and shards; `calibrl.algo.metrics.gradient_shares` turns them
     into shares).
     """
-    mask = (response_mask & ~is_expert.unsqueeze(-1)).to(logp.dtype)
-    tokens_per_row = mask.sum(-1)
-    num_tokens = tokens_per_row.sum()
     if baseline == "token":
         b = expert_old_logp
     elif baseline == "sequence":
@@ -311,30 +386,14 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
     if calib_weight not in CALIB_WEIGHTS or no_expert_baseline not in NO_EXPERT_BASELINES:
         raise ValueError(f"calib_weight={calib_weight!r} (choose {CALIB_WEIGHTS}), no_expert_baseline="
                          f"{no_expert_baseline!r} (choose {NO_EXPERT_BASELINES})")
-    # |A_i| (or 1) on the rows where the term acts
-    calib_adv = advantages.abs() if calib_weight == "abs_advantage" else torch.ones_like(advantages)
-    if has_expert is not None and no_expert_baseline == "none":
-        calib_adv = calib_adv * has_expert.to(advantages.dtype)
-    with_expert = mask.new_ones((mask.shape[0], 1)) if has_expert is None else \
-        has_expert.to(mask.dtype).unsqueeze(-1)
-    denom = _or(global_tokens, num_tokens)
-    weights = token_weights(mask, agg=agg, global_tokens=denom, global_seqs=global_seqs,
-                            norm_length=norm_length)
-
+    if agg not in LOSS_AGGS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {', '.join(LOSS_AGGS)}")
     with torch.no_grad():
-        scale = _calibration_scale(calib_adv, passed)
-        grad, sums = _KERNELS["calibrl"](logp.detach(), old_logp, advantages, mask, weights, b, scale,
-                                         with_expert, clip_low, clip_high, clip_ratio_c, alpha, lam,
-                                         diagnostics)
-        metrics = {"pg_loss": sums["loss"], "calib_loss": sums["calib"]}
-        metrics |= _pg_metrics(sums, advantages, denom)
-        acting = (calib_adv != 0).to(mask.dtype)  # rows where the term acts (|A| > 0, an expert)
-        metrics["calib_branch_full_frac"] = sums["full"] / denom
-        metrics["calib_branch_alpha_frac"] = (torch.dot(tokens_per_row, acting) - sums["full"]) / denom
-        metrics["expert_policy_gap"] = -sums["gap"] / denom
-        if diagnostics:
-            metrics |= {"grad_sq_pg": sums["grad_sq"], "grad_sq_calib": sums["grad_sq_calib"]}
-    return _attach(logp, sums["loss"] + lam * sums["calib"], grad), metrics
+        loss, grad, metrics = _KERNELS["calibrl"](
+            logp.detach(), old_logp, advantages, response_mask, is_expert, passed, b, has_expert,
+            global_tokens, global_seqs, agg, norm_length, clip_low, clip_high,
+            clip_ratio_c, alpha, lam, calib_weight, no_expert_baseline, diagnostics)
+    return _attach(logp, loss, grad), metrics
 
 
 def sft_loss(logp: Tensor, response_mask: Tensor, is_expert: Tensor, *, agg: str = "token-mean",

@@ -412,3 +412,29 @@ def test_a_nan_advantage_reaches_the_gradient():
         loss, _ = compute_loss(name, logp, batch)
         loss.backward()
         assert torch.isnan(loss) and torch.isnan(logp.grad).any(), name
+
+
+def test_compiled_losses_do_not_recompile_per_batch():
+    """A learner's micro-batches differ in rows, length and whole-batch normalisers: the compiled
+    losses must take them all with the graphs of the first call (a recompile per micro-batch
+    would cost seconds each)."""
+    from calibrl.algo import compile_loss_kernels
+
+    compile_loss_kernels()
+    try:
+        for i, (groups, seed) in enumerate([(3, 11), (5, 12), (4, 13)]):
+            batch = random_batch(groups, seed=seed)
+            if i:  # the first call compiles; every later one must reuse its graphs
+                ctx = torch._dynamo.config.patch(error_on_recompile=True)
+            else:
+                ctx = torch._dynamo.config.patch({})
+            with ctx:
+                for name in ("calibrl", "grpo"):
+                    norms = loss_normalizers(name, batch)
+                    norms = {key: value * (2 + i) for key, value in norms.items()}  # new floats each time
+                    logp = batch.old_logp.clone().requires_grad_()
+                    loss, _ = compute_loss(name, logp, batch, **norms)
+                    loss.backward()
+                    assert torch.isfinite(logp.grad).all() and logp.grad.abs().sum() > 0
+    finally:
+        compile_loss_kernels(False)
