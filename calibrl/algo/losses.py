@@ -195,7 +195,7 @@ def _calibrl_kernel(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     u = gap * scaled_weights
     dcalib = torch.ops.aten.leaky_relu_backward(scaled_weights, u, alpha, False)
     grad.add_(dcalib, alpha=lam)
-    sums |= {"calib": _dot(dcalib, gap), "full": u.clamp_(min=0.0).sign_().sum(),
+    sums |= {"calib": _dot(dcalib, gap), "full": u.clamp_(min=0.0).sign_().sum(-1).sum(),
              "gap": torch.dot(torch.linalg.vecdot(gap, mask), with_expert)}
     if diagnostics:
         sums["grad_sq_calib"] = lam * lam * _dot(dcalib, dcalib)
@@ -204,7 +204,7 @@ def _calibrl_kernel(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """sum(a * b) over two (B, T) tensors, without the product's buffer."""
-    return torch.dot(a.reshape(-1), b.reshape(-1))
+    return torch.linalg.vecdot(a, b).sum()
 
 
 def _ppo_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor,
