@@ -171,8 +171,10 @@ class LearnerConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
     compile_loss: bool = False
-    """Fuse the PG / CalibRL loss kernels with `torch.compile` (needs a C++ compiler on CPU, Triton on
-    GPU; seconds of compiling when a learner starts). Off: the same kernels run eagerly."""
+    """Fuse each whole policy loss (the GRPO family's and CalibRL's; the PG part of LUFFY's and RL-PLUS's)
+    into one loop with `torch.compile` (needs a C++ compiler on CPU, Triton on GPU). A learner process
+    pays for compiling at its first update: 5-20 s on the 2-core CPU machine (README, Performance).
+    Off: the same functions run eagerly."""
     mini_batch_prompts: int = 4
     """Prompts per optimizer update (PPO mini-batch); prompts_per_step must be a multiple."""
     micro_batch_per_device: int = 4
