@@ -59,14 +59,20 @@ def token_weights(mask: Tensor, *, agg: str = "token-mean", global_tokens: float
     """
     if agg == "token-mean":
         return mask / (global_tokens if global_tokens is not None else mask.sum().clamp(min=1))
-    if agg not in LOSS_AGGS:
-        raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {', '.join(LOSS_AGGS)}")
+    _check_agg(agg)
     seqs = global_seqs if global_seqs is not None else (mask.sum(-1) > 0).sum().clamp(min=1)
     if agg == "seq-mean-token-mean":
         return mask / (mask.sum(-1, keepdim=True).clamp(min=1) * seqs)
     if agg == "seq-mean-token-sum":
         return mask / seqs
     return mask / ((norm_length or mask.shape[-1]) * seqs)
+
+
+def _check_agg(agg: str) -> None:
+    """Checked before a compiled loss runs too: raised inside one, the error would reach the caller
+    wrapped by the compiler."""
+    if agg not in LOSS_AGGS:
+        raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {', '.join(LOSS_AGGS)}")
 
 
 def agg_loss(loss_mat: Tensor, mask: Tensor, *, agg: str = "token-mean", global_tokens: float | None = None,
@@ -128,16 +134,19 @@ def _clip_bounds(advantages: Tensor, clip_low: float, clip_high: float, clip_rat
 
 
 def _dual_clip_tokens(logp: Tensor, old_logp: Tensor, advantages: Tensor, clip_low: float, clip_high: float,
-                      clip_ratio_c: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Section 3 per token: (loss, d loss / d logp, ratio), each (B, T). The derivative is -A rho
-    (the unclipped branch's own value) where no clip set the loss (ties included, as max/min's
-    would be), else 0."""
-    ratio = torch.exp(logp - old_logp)
+                      clip_ratio_c: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Section 3 per token: (loss, kept, ratio, log ratio, -A (B, 1)), each (B, T) but -A. kept is 1.0
+    where no clip set the loss (ties included, as max/min's would be), else 0.0, so the loss's
+    derivative in logp is kept * rho * -A (the unclipped branch's own value, or 0): a product, not
+    where(), so that a NaN (say, a NaN advantage) reaches the gradient, as autograd's would, and the
+    learner's non-finite check sees it. Float ops, in place where a buffer can be reused (eager
+    mode pays for every fresh (B, T) buffer)."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
     neg_adv = -advantages.unsqueeze(-1)
-    clamped = torch.clamp(ratio, *_clip_bounds(advantages, clip_low, clip_high, clip_ratio_c, ratio.dtype))
-    # a product, not where(): a NaN (say, a NaN advantage) reaches the gradient, as autograd's would,
-    # so the learner's non-finite check sees it
-    return clamped * neg_adv, (clamped == ratio) * ratio * neg_adv, ratio
+    kept = torch.clamp(ratio, *_clip_bounds(advantages, clip_low, clip_high, clip_ratio_c, ratio.dtype))
+    value = kept * neg_adv
+    return value, kept.eq_(ratio), ratio, log_ratio, neg_adv
 
 
 def _calibration_tokens(logp: Tensor, baseline_logp: Tensor, scale: Tensor,
@@ -149,6 +158,11 @@ def _calibration_tokens(logp: Tensor, baseline_logp: Tensor, scale: Tensor,
         scale.expand_as(u), u, alpha, False)
 
 
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """sum(a * b) over two (B, T) tensors, without the product's buffer."""
+    return torch.linalg.vecdot(a, b).sum()
+
+
 def _pg_kernel(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, weights: Tensor,
                clip_low: float, clip_high: float, clip_ratio_c: float,
                diagnostics: bool) -> tuple[Tensor, dict[str, Tensor]]:
@@ -156,16 +170,10 @@ def _pg_kernel(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor,
     tokens; weights: their aggregation weights. sums: loss, clipped_rows (B,), dual, kl (k3 of old
     vs current: 1/rho - 1 + log rho), grad_sq (with diagnostics).
 
-    Written for eager mode as much as for the compiler: float ops only (comparisons into float
-    tensors, in place), reductions as dot products, no (B, T) temporary that an in-place op can
-    reuse; `_dual_clip_tokens` is the same math, spelled plainly."""
-    log_ratio = logp - old_logp
-    ratio = torch.exp(log_ratio)
-    neg_adv = -advantages.unsqueeze(-1)
-    lower, upper = _clip_bounds(advantages, clip_low, clip_high, clip_ratio_c, ratio.dtype)
-    kept = torch.clamp(ratio, lower, upper)
-    value = kept * neg_adv
-    kept.eq_(ratio)  # 1.0 where no clip set the loss
+    Written for eager mode as much as for the compiler: float ops only, in place where a buffer can
+    be reused, reductions as dot products."""
+    value, kept, ratio, log_ratio, neg_adv = _dual_clip_tokens(logp, old_logp, advantages, clip_low,
+                                                               clip_high, clip_ratio_c)
     clipped_rows = mask.sum(-1) - torch.linalg.vecdot(kept, mask)
     grad = kept.mul_(ratio).mul_(neg_adv).mul_(weights)  # a NaN advantage reaches the gradient
     dual_at = torch.where(advantages < 0, clip_ratio_c, float("inf")).to(ratio.dtype).unsqueeze(-1)
@@ -200,11 +208,6 @@ def _calibrl_kernel(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     if diagnostics:
         sums["grad_sq_calib"] = lam * lam * _dot(dcalib, dcalib)
     return grad, sums
-
-
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    """sum(a * b) over two (B, T) tensors, without the product's buffer."""
-    return torch.linalg.vecdot(a, b).sum()
 
 
 def _ppo_terms(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: Tensor, is_expert: Tensor,
@@ -279,9 +282,9 @@ def dual_clip_pg(logp: Tensor, old_logp: Tensor, advantages: Tensor, *, clip_low
     gradient flows through -A rho where no clip is active.
     """
     with torch.no_grad():
-        value, dvalue, ratio = _dual_clip_tokens(logp, old_logp, advantages, clip_low, clip_high,
-                                                 clip_ratio_c)
-    return _attach(logp, value, dvalue), ratio
+        value, kept, ratio, _, neg_adv = _dual_clip_tokens(logp, old_logp, advantages, clip_low, clip_high,
+                                                           clip_ratio_c)
+    return _attach(logp, value, kept * ratio * neg_adv), ratio
 
 
 def _calibration_scale(advantages: Tensor, passed: Tensor) -> Tensor:
@@ -335,12 +338,11 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: 
     and clip_high, which the caller passes. Returns (loss 0-d, metrics); with `diagnostics`,
     grad_sq_pg, the squared norm of the loss's gradient in logp (see `calibrl_loss`).
     """
-    if agg not in LOSS_AGGS:
-        raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {', '.join(LOSS_AGGS)}")
+    _check_agg(agg)
     with torch.no_grad():
         loss, grad, metrics = _KERNELS["ppo"](logp.detach(), old_logp, advantages, response_mask, is_expert,
-                                              global_tokens, global_seqs, agg,
-                                              norm_length, clip_low, clip_high, clip_ratio_c, diagnostics)
+                                              global_tokens, global_seqs, agg, norm_length, clip_low,
+                                              clip_high, clip_ratio_c, diagnostics)
     return _attach(logp, loss, grad), metrics
 
 
@@ -386,8 +388,7 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
     if calib_weight not in CALIB_WEIGHTS or no_expert_baseline not in NO_EXPERT_BASELINES:
         raise ValueError(f"calib_weight={calib_weight!r} (choose {CALIB_WEIGHTS}), no_expert_baseline="
                          f"{no_expert_baseline!r} (choose {NO_EXPERT_BASELINES})")
-    if agg not in LOSS_AGGS:
-        raise ValueError(f"unknown loss aggregation {agg!r}; choose one of {', '.join(LOSS_AGGS)}")
+    _check_agg(agg)
     with torch.no_grad():
         loss, grad, metrics = _KERNELS["calibrl"](
             logp.detach(), old_logp, advantages, response_mask, is_expert, passed, b, has_expert,
