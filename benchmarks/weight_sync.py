@@ -6,12 +6,12 @@ Ray actor against vLLM used directly.
 
 1. Weight sync, end to end: `ShmWeightSync(learners, [worker]).push(v)` timed in the driver (gather
    from the learner ranks, safetensors under /dev/shm, vLLM `reload_weights` in every rollout
-   worker, prefix-cache reset, the Ray round trips), median of --repeats. The floor, measured in
-   the same run on the same weights, alternating with the pushes: `safetensors.save_file` of the
-   learner's full state dict to /dev/shm (in this process) plus the workers'
-   `load_weights_from_path` of a directory written beforehand (vLLM's own `reload_weights`, timed
-   inside the worker). Target: push <= 1.5x floor. Learner layouts: 1 rank ZeRO-2 (no gather)
-   and 2 ranks ZeRO-3 (the export gathers the partitioned parameters).
+   worker, prefix-cache reset, the Ray round trips), median of --repeats (x3 for the tiny model).
+   The floor, measured in the same run on the same weights, alternating with the pushes:
+   `safetensors.save_file` of the learner's full state dict to /dev/shm (in this process) plus the
+   workers' `load_weights_from_path` of a directory written beforehand (vLLM's own
+   `reload_weights`, timed inside the worker). Target: push <= 1.5x floor. Learner layouts: 1 rank
+   ZeRO-2 (no gather) and 2 ranks ZeRO-3 (each rank writes its partitions into the one file).
 2. Rollout throughput: generated tokens/s of `RolloutWorker.generate` called through its Ray actor
    (timed in the driver: Ray, result conversion and all) against `vllm.LLM.generate` in a
    subprocess of its own (vLLM pins the threads of the process that holds the engine) with the
@@ -307,7 +307,8 @@ def main() -> None:
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
         for m, path in models.items():
             # Ray sets OMP_NUM_THREADS to an actor's num_cpus: the engine's threads follow its reservation
-            # the tiny model's rounds take a fraction of a second
+            # the tiny model's rounds take a fraction of a second, and its pushes' fixed costs (the
+            # engine's reload step: 19-57 ms across runs) jitter on the scale of the push itself
             rounds = repeats * (3 if m == "tiny-qwen2" else 1)
             if args.sync_only:
                 worker = named_actor(RolloutWorker, f"rollout-bench-{m}", num_cpus=cores, model_path=path,
@@ -318,7 +319,7 @@ def main() -> None:
                 rollout_rows += [(m, engine, r) for engine, r in rows]
             try:
                 for ranks, stage in ((1, 2), (2, 3)):
-                    r = sync_latency(path, worker, ranks=ranks, zero_stage=stage, repeats=repeats,
+                    r = sync_latency(path, worker, ranks=ranks, zero_stage=stage, repeats=rounds,
                                      shm_root=shm_root)
                     sync_rows.append((m, f"{ranks} rank{'s' if ranks > 1 else ''}, ZeRO-{stage}", r))
                     print(f"  {m} {ranks}x ZeRO-{stage}: shm push {r['push']:.3f}s, gloo transfer "
