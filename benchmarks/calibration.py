@@ -106,9 +106,9 @@ def timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def best_times(fns, repeats: int, pick=min) -> list[float]:
-    """Fastest (or `pick` of) `repeats` runs of each fn, run alternately (other processes share the
-    cores), after a warm-up round."""
+def alternating_times(fns, repeats: int, pick=min) -> list[float]:
+    """`pick` (fastest by default) of `repeats` runs of each fn, run alternately (other processes
+    share the cores), after a warm-up round."""
     for fn in fns:
         fn()  # warm-up
     times = [[] for _ in fns]
@@ -136,7 +136,7 @@ def loss_times(batch, logp0, adv, rows: int, repeats: int) -> tuple[float, float
         loss, _ = ppo_loss(logp, old, adv[:rows], mask, expert)
         loss.backward()
 
-    calib_s, grpo_s = best_times([calib, grpo], repeats, statistics.median)
+    calib_s, grpo_s = alternating_times([calib, grpo], repeats, statistics.median)
     return calib_s, grpo_s
 
 
@@ -182,8 +182,9 @@ def micro_batch_update(rows: int = 16, prompt_len: int = 64, response_len: int =
         return step
 
     median = statistics.median
-    calib_loss, grpo_loss = best_times([loss_alone("calibrl"), loss_alone("grpo")], repeats, median)
-    calib_update, grpo_update = best_times([update("calibrl"), update("grpo")], max(10, repeats // 5), median)
+    calib_loss, grpo_loss = alternating_times([loss_alone("calibrl"), loss_alone("grpo")], repeats, median)
+    calib_update, grpo_update = alternating_times([update("calibrl"), update("grpo")], max(10, repeats // 5),
+                                                  median)
     return {"calibrl": (calib_loss, calib_update), "grpo": (grpo_loss, grpo_update)}
 
 

@@ -11,7 +11,8 @@ Ray actor against vLLM used directly.
    `safetensors.save_file` of the learner's full state dict to /dev/shm (in this process) plus the
    workers' `load_weights_from_path` of a directory written beforehand (vLLM's own
    `reload_weights`, timed inside the worker). Target: push <= 1.5x floor. Learner layouts: 1 rank
-   ZeRO-2 (no gather) and 2 ranks ZeRO-3 (each rank writes its partitions into the one file).
+   ZeRO-2 (no gather) and 2 ranks ZeRO-3 (on one node each rank writes its partitions into the
+   one file).
 2. Rollout throughput: generated tokens/s of `RolloutWorker.generate` called through its Ray actor
    (timed in the driver: Ray, result conversion and all) against `vllm.LLM.generate` in a
    subprocess of its own (vLLM pins the threads of the process that holds the engine) with the

@@ -1,6 +1,7 @@
 """Sections 3-5: hand-worked examples, loop-vs-vectorised, gradient direction, micro-batch / shard
 invariance."""
 
+import contextlib
 import math
 
 import pytest
@@ -424,11 +425,8 @@ def test_compiled_losses_do_not_recompile_per_batch():
     try:
         for i, (groups, seed) in enumerate([(3, 11), (5, 12), (4, 13)]):
             batch = random_batch(groups, seed=seed)
-            if i:  # the first call compiles; every later one must reuse its graphs
-                ctx = torch._dynamo.config.patch(error_on_recompile=True)
-            else:
-                ctx = torch._dynamo.config.patch({})
-            with ctx:
+            # the first batch compiles; every later one must reuse its graphs
+            with contextlib.nullcontext() if i == 0 else torch._dynamo.config.patch(error_on_recompile=True):
                 for name in ("calibrl", "grpo"):
                     norms = loss_normalizers(name, batch)
                     norms = {key: value * (2 + i) for key, value in norms.items()}  # new floats each time
