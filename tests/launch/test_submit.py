@@ -2,6 +2,7 @@
 Ray 2.60's default): a one-step tiny run is submitted, followed to SUCCEEDED, and its run directory
 lands where the submitting machine expects it; the jobs API refuses a request without the token."""
 
+import glob
 import os
 import signal
 import socket
@@ -26,9 +27,67 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_head(ray_bin: str, env: dict, log_path) -> tuple[subprocess.Popen, str, str]:
+    """(process, dashboard URL, temp dir) of `ray start --head --block` on fresh ports, its output
+    in log_path."""
+    dash = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="/tmp/rsub")  # short: Ray's socket paths live under it
+    with open(log_path, "w") as log:
+        head = subprocess.Popen(
+            [ray_bin, "start", "--head", "--block",
+             f"--port={free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+             "--num-cpus=4",
+             # its own ports throughout: another Ray instance on this machine may hold the defaults
+             f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+             f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+             f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    return head, f"http://127.0.0.1:{dash}", temp_dir
+
+
+def _wait_up(head: subprocess.Popen, url: str, timeout: float) -> bool:
+    """True once the dashboard answers (even 401); False if the head exits or `timeout` passes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and head.poll() is None:
+        try:
+            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+            return True
+        except urllib.error.HTTPError:
+            return True  # answering (even 401): up
+        except OSError:
+            time.sleep(1)
+    return False
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    if head.poll() is not None:
+        return
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # Ray's graceful stop takes ~30 s; the head is ours, all of it goes
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+
+
+def _head_logs(log_path, temp_dir: str) -> str:
+    """The tail of `ray start`'s output and of the session's dashboard and GCS logs."""
+    paths = [str(log_path)] + sorted(glob.glob(os.path.join(temp_dir, "session_*", "logs", "dashboard.log"))
+                                     + glob.glob(os.path.join(temp_dir, "session_*", "logs", "gcs_server.*")))
+    parts = []
+    for path in paths:
+        with open(path, errors="replace") as f:
+            parts.append(f"--- {path}\n" + "".join(f.readlines()[-30:]))
+    return "\n".join(parts)
+
+
 @pytest.fixture
 def ray_head(tmp_path):
-    """(dashboard URL, environment with the head's token) of a fresh head; stopped afterwards."""
+    """(dashboard URL, environment with the head's token) of a fresh head; stopped afterwards.
+
+    A head that exits or does not answer in time (ports taken between choosing and binding them, a
+    loaded machine) is stopped and started once more on other ports; the failure shows its logs."""
     home = tmp_path / "home"
     home.mkdir()
     env = dict(os.environ, HOME=str(home), PATH=f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}")
@@ -38,35 +97,21 @@ def ray_head(tmp_path):
     # token authentication, as on a Ray 2.60 head whose user has a token (`ray start` then uses it)
     subprocess.run([ray_bin, "get-auth-token", "--generate"], env=env, check=True, capture_output=True)
     env["RAY_AUTH_MODE"] = "token"
-    dash = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="/tmp/rsub")  # short: Ray's socket paths live under it
-    head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block",
-         f"--port={free_port()}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1", "--num-cpus=4",
-         # its own agent and metrics ports: another Ray instance on this machine may hold the defaults
-         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-         f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
+    logs = []
+    for attempt in range(2):
+        log_path = tmp_path / f"ray-start-{attempt}.log"
+        head, url, temp_dir = _start_head(ray_bin, env, log_path)
+        if _wait_up(head, url, timeout=150):
             break
-        except urllib.error.HTTPError:
-            break  # answering (even 401): up
-        except OSError:
-            time.sleep(1)
+        exit_code = head.poll()
+        _stop_head(head)
+        logs.append(f"attempt {attempt}: " + ("no answer in 150 s" if exit_code is None
+                                              else f"`ray start` exited with {exit_code}")
+                    + "\n" + _head_logs(log_path, temp_dir))
     else:
-        pytest.fail("the Ray head did not come up in 120 s")
+        pytest.fail("the Ray head did not come up, twice:\n" + "\n".join(logs))
     yield url, {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # submit finds the token itself
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # Ray's graceful stop takes ~30 s; the head is ours, all of it goes
-        os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=30)
+    _stop_head(head)
 
 
 def test_submit_follows_a_tiny_run_to_succeeded_on_an_authenticated_head(ray_head, tiny_models, tmp_path):
