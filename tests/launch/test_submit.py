@@ -61,14 +61,19 @@ def _wait_up(head: subprocess.Popen, url: str, timeout: float) -> bool:
 
 
 def _stop_head(head: subprocess.Popen) -> None:
-    if head.poll() is not None:
-        return
-    os.killpg(head.pid, signal.SIGTERM)
+    """Stops the head's whole process group, whatever `ray start` left running if it exited."""
     try:
+        os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=5)
+    except ProcessLookupError:
+        return
     except subprocess.TimeoutExpired:  # Ray's graceful stop takes ~30 s; the head is ours, all of it goes
+        pass
+    try:
         os.killpg(head.pid, signal.SIGKILL)
-        head.wait(timeout=30)
+    except ProcessLookupError:
+        return
+    head.wait(timeout=30)
 
 
 def _head_logs(log_path, temp_dir: str) -> str:
