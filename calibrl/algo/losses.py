@@ -263,13 +263,42 @@ def _on_policy_mask(response_mask: Tensor, is_expert: Tensor, dtype: torch.dtype
 
 
 _KERNELS = {"pg": _pg_kernel, "ppo": _ppo_terms, "calibrl": _calibrl_terms}
+_NORMALISERS = ("global_tokens", "global_seqs")
+"""The kernels' keyword arguments that change with every batch."""
+
+
+class _Compiled:
+    """`fn` through `torch.compile`, with what each kind of argument needs (dynamo's defaults would
+    make every float an input tensor, and compile a graph per shape):
+    - tensor shapes are dynamic from the first call on (its tensors are marked so);
+    - the normalisers, new with every batch, go in as 0-d tensors;
+    - every other float (clip ranges, alpha, lam: constants of a run) is compiled into the graph. A
+      new value compiles again; after a second one, dynamo makes it an input.
+    Unwrapping the floats saves the compiled call a tensor per float; CalibRL has two more (alpha,
+    lam) than GRPO."""
+
+    def __init__(self, fn):
+        self._fn = torch.compile(fn)
+        self._marked = False
+
+    def __call__(self, *args, **kwargs):
+        for name in _NORMALISERS:
+            if isinstance(kwargs.get(name), (int, float)):
+                kwargs[name] = torch.scalar_tensor(kwargs[name], dtype=torch.float64)
+        if not self._marked:
+            for arg in args:
+                if isinstance(arg, Tensor):
+                    for dim in range(arg.dim()):
+                        torch._dynamo.maybe_mark_dynamic(arg, dim)
+            self._marked = True
+        return self._fn(*args, **kwargs)
 
 
 def compile_loss_kernels(enabled: bool = True) -> None:
     """Run the PG kernel and the whole GRPO and CalibRL losses through `torch.compile` (one fused loop
-    each; dynamic shapes), or back in eager mode. Compiling costs seconds on the first call of each
-    process."""
-    _KERNELS.update((name, torch.compile(fn, dynamic=True) if enabled else fn)
+    each, for any shape; see `_Compiled`), or back in eager mode. Compiling costs seconds on the first
+    call of each process."""
+    _KERNELS.update((name, _Compiled(fn) if enabled else fn)
                     for name, fn in {"pg": _pg_kernel, "ppo": _ppo_terms, "calibrl": _calibrl_terms}.items())
 
 
@@ -341,8 +370,10 @@ def ppo_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_mask: 
     _check_agg(agg)
     with torch.no_grad():
         loss, grad, metrics = _KERNELS["ppo"](logp.detach(), old_logp, advantages, response_mask, is_expert,
-                                              global_tokens, global_seqs, agg, norm_length, clip_low,
-                                              clip_high, clip_ratio_c, diagnostics)
+                                              agg=agg, norm_length=norm_length, clip_low=clip_low,
+                                              clip_high=clip_high, clip_ratio_c=clip_ratio_c,
+                                              diagnostics=diagnostics, global_tokens=global_tokens,
+                                              global_seqs=global_seqs)
     return _attach(logp, loss, grad), metrics
 
 
@@ -392,8 +423,10 @@ def calibrl_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, response_ma
     with torch.no_grad():
         loss, grad, metrics = _KERNELS["calibrl"](
             logp.detach(), old_logp, advantages, response_mask, is_expert, passed, b, has_expert,
-            global_tokens, global_seqs, agg, norm_length, clip_low, clip_high,
-            clip_ratio_c, alpha, lam, calib_weight, no_expert_baseline, diagnostics)
+            agg=agg, norm_length=norm_length, clip_low=clip_low, clip_high=clip_high,
+            clip_ratio_c=clip_ratio_c, alpha=alpha, lam=lam, calib_weight=calib_weight,
+            no_expert_baseline=no_expert_baseline, diagnostics=diagnostics, global_tokens=global_tokens,
+            global_seqs=global_seqs)
     return _attach(logp, loss, grad), metrics
 
 
