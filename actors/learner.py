@@ -95,7 +95,7 @@ class Learner:
                  micro_batch_per_device: int = 4, gradient_checkpointing: bool = False,
                  optimizer: str = "adamw", seed: int = 0, temperature: float = 1.0,
                  image_min_pixels: int | None = None, image_max_pixels: int | None = None,
-                 compile_loss: bool = False):
+                 compile_loss: bool | None = None):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         cuda = torch.cuda.is_available()
@@ -118,7 +118,7 @@ class Learner:
             skip_shm_all_reduce()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         torch.manual_seed(seed + rank)
-        if compile_loss:
+        if compile_loss if compile_loss is not None else cuda:
             compile_loss_kernels()
 
         vl = hasattr(AutoConfig.from_pretrained(model_path), "vision_config")

@@ -122,18 +122,21 @@ def alternating_times(fns, repeats: int, pick=min) -> list[float]:
 
 def loss_times(batch, logp0, adv, rows: int, repeats: int) -> tuple[float, float]:
     """Median seconds of calibrl_loss and ppo_loss forward + backward over the batch's first `rows`
-    rows, metrics included in both, run alternately."""
+    rows, metrics included in both, given the normalisers as a learner gives them, run alternately."""
     old, mask, expert = batch.old_logp[:rows], batch.response_mask[:rows], batch.is_expert[:rows]
+    # the whole (mini-)batch's counts, as a learner passes them (both losses average over on-policy rows)
+    on_policy = mask & ~expert.unsqueeze(-1)
+    norms = {"global_tokens": float(on_policy.sum()), "global_seqs": float(on_policy.any(-1).sum())}
 
     def calib():
         logp = logp0[:rows].clone().requires_grad_()
         loss, _ = calibrl_loss(logp, old, adv[:rows], mask, expert, batch.passed[:rows],
-                               batch.expert_old_logp[:rows], has_expert=batch.has_expert[:rows])
+                               batch.expert_old_logp[:rows], has_expert=batch.has_expert[:rows], **norms)
         loss.backward()
 
     def grpo():
         logp = logp0[:rows].clone().requires_grad_()
-        loss, _ = ppo_loss(logp, old, adv[:rows], mask, expert)
+        loss, _ = ppo_loss(logp, old, adv[:rows], mask, expert, **norms)
         loss.backward()
 
     calib_s, grpo_s = alternating_times([calib, grpo], repeats, statistics.median)

@@ -170,11 +170,13 @@ class LearnerConfig:
     """`adamw` (default) or `sgd` (an update proportional to the gradient; used by equivalence tests)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip."""
-    compile_loss: bool = False
+    compile_loss: bool | None = None
     """Fuse each whole policy loss (the GRPO family's and CalibRL's; the PG part of LUFFY's and RL-PLUS's)
     into one loop with `torch.compile` (needs a C++ compiler on CPU, Triton on GPU). A learner process
-    pays for compiling at its first update: 5-20 s on the 2-core CPU machine (README, Performance).
-    Off: the same functions run eagerly."""
+    pays for compiling at its first update: 3-20 s on the 2-core CPU machine (README, Performance).
+    null (the default): on CUDA learners, where eager mode launches a kernel per op; not on CPU ones,
+    where a small run never earns the compile time back. false: the same functions run eagerly.
+    Where the compiler fails, the loss warns once and runs eagerly."""
     mini_batch_prompts: int = 4
     """Prompts per optimizer update (PPO mini-batch); prompts_per_step must be a multiple."""
     micro_batch_per_device: int = 4

@@ -32,10 +32,13 @@ Departures from the paper / reference code:
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
+log = logging.getLogger(__name__)
 BASELINES = ("token", "sequence")
 CALIB_WEIGHTS = ("abs_advantage", "unit")
 NO_EXPERT_BASELINES = ("none", "zero")
@@ -275,30 +278,42 @@ class _Compiled:
     - every other float (clip ranges, alpha, lam: constants of a run) is compiled into the graph. A
       new value compiles again; after a second one, dynamo makes it an input.
     Unwrapping the floats saves the compiled call a tensor per float; CalibRL has two more (alpha,
-    lam) than GRPO."""
+    lam) than GRPO.
 
-    def __init__(self, fn):
-        self._fn = torch.compile(fn)
+    Where the compiler fails (no C++ compiler on a CPU machine, a Triton that cannot build for the
+    GPU), the loss logs one warning and runs eagerly from then on: the same function, slower."""
+
+    def __init__(self, name: str, fn, backend="inductor"):
+        self._name, self._eager = name, fn
+        self._fn = torch.compile(fn, backend=backend)
         self._marked = False
 
     def __call__(self, *args, **kwargs):
-        for name in _NORMALISERS:
-            if isinstance(kwargs.get(name), (int, float)):
-                kwargs[name] = torch.scalar_tensor(kwargs[name], dtype=torch.float64)
+        for key in _NORMALISERS:
+            if isinstance(kwargs.get(key), (int, float)):
+                kwargs[key] = torch.scalar_tensor(kwargs[key], dtype=args[0].dtype, device=args[0].device)
         if not self._marked:
             for arg in args:
                 if isinstance(arg, Tensor):
                     for dim in range(arg.dim()):
                         torch._dynamo.maybe_mark_dynamic(arg, dim)
             self._marked = True
-        return self._fn(*args, **kwargs)
+        try:
+            return self._fn(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            cause = getattr(err, "inner_exception", None) or err
+            first_line = (str(cause).strip().splitlines() or [""])[0]
+            log.warning("torch.compile could not build the %s loss (%s: %s); it runs eagerly from now on",
+                        self._name, type(cause).__name__, first_line)
+            self._fn = self._eager
+            return self._eager(*args, **kwargs)
 
 
-def compile_loss_kernels(enabled: bool = True) -> None:
+def compile_loss_kernels(enabled: bool = True, *, backend="inductor") -> None:
     """Run the PG kernel and the whole GRPO and CalibRL losses through `torch.compile` (one fused loop
     each, for any shape; see `_Compiled`), or back in eager mode. Compiling costs seconds on the first
-    call of each process."""
-    _KERNELS.update((name, _Compiled(fn) if enabled else fn)
+    call of each process. `backend`: torch.compile's."""
+    _KERNELS.update((name, _Compiled(name, fn, backend) if enabled else fn)
                     for name, fn in {"pg": _pg_kernel, "ppo": _ppo_terms, "calibrl": _calibrl_terms}.items())
 
 

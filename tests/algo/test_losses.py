@@ -436,3 +436,35 @@ def test_compiled_losses_do_not_recompile_per_batch():
                     assert torch.isfinite(logp.grad).all() and logp.grad.abs().sum() > 0
     finally:
         compile_loss_kernels(False)
+
+
+def test_a_loss_the_compiler_cannot_build_runs_eagerly(caplog):
+    """Where torch.compile fails (here a backend that raises, as inductor does without a C++
+    compiler), the loss warns once, naming the cause, and gives eager mode's loss and gradient."""
+    from calibrl.algo import compile_loss_kernels
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    batch = random_batch(4, seed=7)
+    norms = loss_normalizers("calibrl", batch)
+
+    def run():
+        logp = batch.old_logp.clone().requires_grad_()
+        loss, _ = compute_loss("calibrl", logp, batch, **norms)
+        loss.backward()
+        return loss.detach(), logp.grad
+
+    eager = run()
+    compile_loss_kernels(backend=broken_backend)
+    try:
+        with caplog.at_level("WARNING", logger="calibrl.algo.losses"):
+            first, second = run(), run()
+    finally:
+        compile_loss_kernels(False)
+    for loss, grad in (first, second):
+        torch.testing.assert_close(loss, eager[0])
+        torch.testing.assert_close(grad, eager[1])
+    warnings = [r.getMessage() for r in caplog.records if r.name == "calibrl.algo.losses"]
+    assert len(warnings) == 1, warnings
+    assert "calibrl loss" in warnings[0] and "RuntimeError: no C++ compiler on this machine" in warnings[0]
