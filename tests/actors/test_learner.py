@@ -76,7 +76,8 @@ def test_two_ranks_train_and_loss_falls(ray_local, tiny_models, stage):
 def sgd_step_weights(tiny_models, ranks, micro, compile_loss=None):
     learners = ActorGroup(Learner, ranks, name_prefix=f"learner-{ranks}x{micro}{'c' if compile_loss else ''}",
                           num_cpus_per_actor=1, model_path=tiny_models["tiny-qwen2"], zero_stage=2, lr=0.5,
-                          grad_clip=1e9, optimizer="sgd", micro_batch_per_device=micro, compile_loss=compile_loss)
+                          grad_clip=1e9, optimizer="sgd", micro_batch_per_device=micro,
+                          compile_loss=compile_loss)
     try:
         batch = fixed_batch(num_groups=4, n=3, seed=1)  # 4 x (3 + 1 expert) = 16 rows
         attach_expert_logprobs(batch, old_logprobs(learners, batch) - 0.1)  # ratios away from 1
@@ -92,8 +93,8 @@ def test_update_independent_of_micro_batches_and_ranks(ray_local, tiny_models):
     init = load_file(f"{tiny_models['tiny-qwen2']}/model.safetensors")
     one_rank = sgd_step_weights(tiny_models, ranks=1, micro=4)   # 16 rows: 1 rank x 4 micro-batches
     two_ranks = sgd_step_weights(tiny_models, ranks=2, micro=4)  # 8 rows per rank: 2 x 2 micro-batches
-    # the learner's compiled loss (a CPU learner's default is eager): one graph for every micro-batch
-    compiled = sgd_step_weights(tiny_models, ranks=2, micro=3, compile_loss=True)  # micro-batches of 3, 3, 2 rows
+    # the learner's compiled loss (a CPU learner's default is eager), micro-batches of 3, 3 and 2 rows
+    compiled = sgd_step_weights(tiny_models, ranks=2, micro=3, compile_loss=True)
     moved = max((one_rank[k] - init[k]).abs().max().item() for k in init)
     assert moved > 1e-4  # the step did something
     for k in init:
