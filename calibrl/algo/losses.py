@@ -196,17 +196,18 @@ def _calibrl_kernel(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Te
     """PG + lam x calibration term: (d loss / d logp, sums); `_pg_kernel`'s sums plus calib, full
     (tokens on the slope-1 branch) and gap (sum of logp - b over tokens with an expert).
 
-    With w the aggregation weights and u = scale * w * gap (the sign of scale * gap where w > 0):
-    the term's weighted gradient is d = LeakyReLU'(u) * scale * w, and its weighted value
-    LeakyReLU(scale * gap) * w is d * gap."""
+    With w the aggregation weights and full = [scale * gap > 0] (the slope-1 branch): the term's
+    weighted gradient is d = (alpha + (1 - alpha) full) * scale * w, and its weighted value
+    LeakyReLU(scale * gap) * w is d * gap. Written so for the compiled loop (no sign(), one
+    comparison serving the slope and the branch count); at alpha = 0.5 (the default), 0 or 1 every
+    product is the one LeakyReLU's own backward would give, bit for bit."""
     grad, sums = _pg_kernel(logp, old_logp, advantages, mask, weights, clip_low, clip_high, clip_ratio_c,
                             diagnostics)
     gap = logp - baseline_logp
-    scaled_weights = weights * scale
-    u = gap * scaled_weights
-    dcalib = torch.ops.aten.leaky_relu_backward(scaled_weights, u, alpha, False)
+    full = (gap * scale).gt_(0.0)  # 1.0 on the slope-1 branch, else 0.0
+    dcalib = torch.addcmul(scale * alpha, full, scale * (1.0 - alpha)).mul_(weights)
     grad.add_(dcalib, alpha=lam)
-    sums |= {"calib": _dot(dcalib, gap), "full": u.clamp_(min=0.0).sign_().sum(-1).sum(),
+    sums |= {"calib": _dot(dcalib, gap), "full": _dot(full, mask),
              "gap": torch.dot(torch.linalg.vecdot(gap, mask), with_expert)}
     if diagnostics:
         sums["grad_sq_calib"] = lam * lam * _dot(dcalib, dcalib)
