@@ -229,7 +229,7 @@ class Learner:
         step)."""
         self.engine.train()
         t0 = time.time()
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}  # on the device: float() per metric would wait for it
         micro_count, skipped, nonfinite, trailing = 0, 0, 0, 0
         grad_norms, update_norms = [], []
         coefs = {k: loss_kwargs.get(k, 0.0) for k in ("entropy_coef", "kl_coef")}
@@ -253,7 +253,9 @@ class Learner:
                     if not empty:
                         micro_count += 1
                         for k, v in metrics.items():
-                            sums[k] = sums.get(k, 0.0) + float(v)
+                            v = torch.as_tensor(v.detach() if torch.is_tensor(v) else v, dtype=torch.float64,
+                                                device=self.device)
+                            sums[k] = sums[k] + v if k in sums else v
                 self.engine.step()
                 norm = self.engine.get_global_grad_norm()
                 if norm is not None and not math.isfinite(float(norm)):
@@ -266,7 +268,8 @@ class Learner:
                 update_norms.append(self._update_norm())
         taken = len(grad_norms)
         # losses are shares of a mini-batch's loss: their sum over micro-batches is this rank's share
-        out = {metric_name(k): v / max(1, taken) for k, v in sums.items()}
+        totals = torch.stack(list(sums.values())).tolist() if sums else []  # one copy to the host
+        out = {metric_name(k): v / max(1, taken) for k, v in zip(sums, totals)}
         out["train/grad_norm"] = sum(grad_norms) / max(1, taken)
         out["train/update_norm"] = sum(update_norms) / max(1, taken)
         out["train/skipped_updates"] = float(skipped)
