@@ -37,8 +37,9 @@ import logging
 import torch
 from torch import Tensor
 
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 log = logging.getLogger(__name__)
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
 BASELINES = ("token", "sequence")
 CALIB_WEIGHTS = ("abs_advantage", "unit")
 NO_EXPERT_BASELINES = ("none", "zero")
@@ -277,7 +278,7 @@ class _Compiled:
     - tensor shapes are dynamic from the first call on (its tensors are marked so);
     - the normalisers, new with every batch, go in as 0-d tensors;
     - every other float (clip ranges, alpha, lam: constants of a run) is compiled into the graph. A
-      new value compiles again; after a second one, dynamo makes it an input.
+      new value compiles once more, with that float an input from then on.
     Unwrapping the floats saves the compiled call a tensor per float; CalibRL has two more (alpha,
     lam) than GRPO.
 
