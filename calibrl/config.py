@@ -173,7 +173,7 @@ class LearnerConfig:
     compile_loss: bool | None = None
     """Fuse each whole policy loss (the GRPO family's and CalibRL's; the PG part of LUFFY's and RL-PLUS's)
     into one loop with `torch.compile` (needs a C++ compiler on CPU, Triton on GPU). A learner process
-    pays for compiling at its first update: 3-20 s on the 2-core CPU machine (README, Performance).
+    pays for compiling at its first update: 3-13 s on the 2-core CPU machine (README, Performance).
     null (the default): on CUDA learners, where eager mode launches a kernel per op; not on CPU ones,
     where a small run never earns the compile time back. false: the same functions run eagerly.
     Where the compiler fails, the loss warns once and runs eagerly."""
