@@ -28,7 +28,14 @@ import torch
 from actors.group import ActorGroup
 from actors.logs import actor_log_dir, forward_warnings
 from actors.weight_sync import Partition, link_model_files, write_partitions
-from calibrl.algo import TrainBatch, compile_loss_kernels, compute_loss, has_signal, loss_normalizers
+from calibrl.algo import (
+    TrainBatch,
+    compile_loss_kernels,
+    compute_loss,
+    has_signal,
+    loss_kernels_compiled,
+    loss_normalizers,
+)
 from calibrl.config import Config
 from calibrl.inputs import image_tensors
 from calibrl.modeling import response_logprobs
@@ -229,7 +236,8 @@ class Learner:
         step)."""
         self.engine.train()
         t0 = time.time()
-        sums: dict[str, torch.Tensor] = {}  # on the device: float() per metric would wait for it
+        # per key set, the metrics summed on the device (float() per metric would wait for it)
+        sums: dict[tuple[str, ...], torch.Tensor] = {}
         micro_count, skipped, nonfinite, trailing = 0, 0, 0, 0
         grad_norms, update_norms = [], []
         coefs = {k: loss_kwargs.get(k, 0.0) for k in ("entropy_coef", "kl_coef")}
@@ -252,10 +260,9 @@ class Learner:
                                          scale_wrt_gas=False)
                     if not empty:
                         micro_count += 1
-                        for k, v in metrics.items():
-                            v = torch.as_tensor(v.detach() if torch.is_tensor(v) else v, dtype=torch.float64,
-                                                device=self.device)
-                            sums[k] = sums[k] + v if k in sums else v
+                        names = tuple(metrics)  # detached 0-d tensors, the same keys every micro-batch
+                        values = torch.stack(list(metrics.values())).double()
+                        sums[names] = sums[names] + values if names in sums else values
                 self.engine.step()
                 norm = self.engine.get_global_grad_norm()
                 if norm is not None and not math.isfinite(float(norm)):
@@ -268,8 +275,8 @@ class Learner:
                 update_norms.append(self._update_norm())
         taken = len(grad_norms)
         # losses are shares of a mini-batch's loss: their sum over micro-batches is this rank's share
-        totals = torch.stack(list(sums.values())).tolist() if sums else []  # one copy to the host
-        out = {metric_name(k): v / max(1, taken) for k, v in zip(sums, totals)}
+        out = {metric_name(k): v / max(1, taken)
+               for names, values in sums.items() for k, v in zip(names, values.tolist())}  # one copy each
         out["train/grad_norm"] = sum(grad_norms) / max(1, taken)
         out["train/update_norm"] = sum(update_norms) / max(1, taken)
         out["train/skipped_updates"] = float(skipped)
@@ -277,6 +284,7 @@ class Learner:
         out["train/nonfinite_trailing"] = float(trailing)
         out["train/updates_applied"] = float(taken)
         out["train/lr"] = float(self.scheduler.get_last_lr()[0])
+        out["train/loss_compiled"] = float(loss_kernels_compiled())
         out["train/micro_batches"] = micro_count
         out["time/train_rank_s"] = time.time() - t0
         return out

@@ -311,6 +311,12 @@ class _Compiled:
             return self._eager(*args, **kwargs)
 
 
+def loss_kernels_compiled() -> bool:
+    """Whether the losses run fused: `compile_loss_kernels()` was called and no kernel fell back to
+    eager mode."""
+    return all(isinstance(k, _Compiled) and k._fn is not k._eager for k in _KERNELS.values())
+
+
 def compile_loss_kernels(enabled: bool = True, *, backend="inductor") -> None:
     """Run the PG kernel and the whole GRPO and CalibRL losses through `torch.compile` (one fused loop
     each, for any shape; see `_Compiled`), or back in eager mode. Compiling costs seconds on the first

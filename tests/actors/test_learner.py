@@ -81,7 +81,9 @@ def sgd_step_weights(tiny_models, ranks, micro, compile_loss=None):
     try:
         batch = fixed_batch(num_groups=4, n=3, seed=1)  # 4 x (3 + 1 expert) = 16 rows
         attach_expert_logprobs(batch, old_logprobs(learners, batch) - 0.1)  # ratios away from 1
-        ray.get(learners.run("train_step", batch, loss_name="calibrl", loss_kwargs=LOSS))
+        metrics = ray.get(learners.run("train_step", batch, loss_name="calibrl", loss_kwargs=LOSS))
+        # the fused loss ran (not the eager fallback) exactly where asked for
+        assert [m["train/loss_compiled"] for m in metrics] == [float(bool(compile_loss))] * ranks
         return ray.get(learners.actors[0].full_state_dict.remote())
     finally:
         learners.shutdown()
