@@ -167,6 +167,16 @@ COMMANDS = {"train": cmd_train, "submit": cmd_submit, "compare": cmd_compare, "e
             "report": cmd_report, "demo": cmd_demo, "plan": cmd_plan, "make-demo-data": cmd_make_demo_data}
 
 
+def _demo_hint(err: Exception) -> str:
+    """Where a missing input is one of the demo's (configs/cpu_demo.yaml reads them from DEMO_ROOT),
+    how to build it."""
+    problems = getattr(err, "problems", [])
+    if any(f"'{DEMO_ROOT}/" in p and ("no such" in p) for p in problems):
+        return (f"\n{DEMO_ROOT}/ holds the demo's local model and data: `calibrl make-demo-data` (or "
+                "`make demo`) builds them")
+    return ""
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ConfigError, DataError, PlanError, RunStopped) as e:
         if debug:
             raise
-        print(f"calibrl {command}: {e}", file=sys.stderr, flush=True)
+        print(f"calibrl {command}: {e}{_demo_hint(e)}", file=sys.stderr, flush=True)
         raise SystemExit(1 if isinstance(e, RunStopped) else 2) from None
 
 

@@ -3,6 +3,7 @@ file, row and field or the config key (a did-you-mean for keys), exit status 2, 
 before Ray starts; `--debug` shows the traceback."""
 
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -61,6 +62,19 @@ def test_a_parquet_without_the_expected_columns(base, tmp_path, capsys):
 def test_a_missing_file(base, tmp_path, capsys):
     code, err = run_train(tmp_path, with_data(base, base[1] / "nowhere.parquet"), capsys=capsys)
     assert code == 2 and "data.train_files[0]=" in err and "nowhere.parquet': no such file" in err
+
+
+def test_the_demo_config_without_the_demo_data_says_how_to_build_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no runs/demo here
+    demo_yaml = pathlib.Path(ROOT, "configs", "cpu_demo.yaml").read_text()
+    code, err = run_train(tmp_path, demo_yaml, capsys=capsys)
+    assert code == 2 and "model.path='runs/demo/tiny-models/" in err and "no such directory" in err
+    assert "`calibrl make-demo-data`" in err and "Traceback" not in err
+
+
+def test_a_missing_file_elsewhere_gets_no_demo_hint(base, tmp_path, capsys):
+    code, err = run_train(tmp_path, with_data(base, base[1] / "nowhere.parquet"), capsys=capsys)
+    assert code == 2 and "make-demo-data" not in err
 
 
 def test_an_unknown_key_with_a_suggestion(base, tmp_path, capsys):
