@@ -4,6 +4,7 @@ lands where the submitting machine expects it; the jobs API refuses a request wi
 
 import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -113,10 +114,14 @@ def ray_head(tmp_path):
         logs.append(f"attempt {attempt}: " + ("no answer in 150 s" if exit_code is None
                                               else f"`ray start` exited with {exit_code}")
                     + "\n" + _head_logs(log_path, temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
     else:
         pytest.fail("the Ray head did not come up, twice:\n" + "\n".join(logs))
-    yield url, {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # submit finds the token itself
-    _stop_head(head)
+    try:
+        yield url, {k: v for k, v in env.items() if k != "RAY_AUTH_MODE"}  # submit finds the token itself
+    finally:
+        _stop_head(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)  # outside tmp_path: socket paths must stay short
 
 
 def test_submit_follows_a_tiny_run_to_succeeded_on_an_authenticated_head(ray_head, tiny_models, tmp_path):
