@@ -22,12 +22,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import torch
 
-from actors.group import ActorGroup
 from actors.logs import actor_log_dir, forward_warnings
-from actors.weight_sync import Partition, link_model_files, write_partitions
+from actors.weight_files import Partition, link_model_files, write_partitions
 from calibrl.algo import (
     TrainBatch,
     compile_loss_kernels,
@@ -39,6 +39,9 @@ from calibrl.algo import (
 from calibrl.config import Config
 from calibrl.inputs import image_tensors
 from calibrl.modeling import response_logprobs
+
+if TYPE_CHECKING:
+    from actors.group import ActorGroup
 
 
 def mini_batches_by_group(batch: TrainBatch, n: int) -> list[TrainBatch]:
@@ -160,6 +163,8 @@ class Learner:
         """The run's `learner.num_learners` ranks, actors `learner-0..` in one placement group (a GPU
         each where CUDA is present). The LR schedule counts optimizer updates: steps x mini-batches
         x epochs."""
+        from actors.group import ActorGroup
+
         ln = cfg.learner
         updates_per_step = (cfg.trainer.prompts_per_step // ln.mini_batch_prompts) * ln.ppo_epochs
         return ActorGroup(
@@ -492,12 +497,12 @@ def write_partitioned(module: torch.nn.Module, path: str, rank: int) -> None:
 
 def all_on_one_node(world_size: int) -> bool:
     """(Every rank) whether all ranks of the process group run on this node."""
+    if world_size == 1:
+        return True
     import torch.distributed as dist
 
     from actors.group import node_address
 
-    if world_size == 1:
-        return True
     nodes = [None] * world_size
     dist.all_gather_object(nodes, node_address())
     return len(set(nodes)) == 1

@@ -87,7 +87,8 @@ def sync_latency(model_path: str, worker, *, ranks: int, zero_stage: int, repeat
 
     from actors.group import ActorGroup
     from actors.learner import Learner
-    from actors.weight_sync import ShmWeightSync, TransferWeightSync, link_model_files
+    from actors.weight_files import link_model_files
+    from actors.weight_sync import ShmWeightSync, TransferWeightSync
 
     learners = ActorGroup(Learner, ranks, name_prefix=f"learner-bench-z{zero_stage}x{ranks}",
                           num_cpus_per_actor=1, model_path=model_path, zero_stage=zero_stage)

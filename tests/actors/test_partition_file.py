@@ -1,5 +1,5 @@
 """The ZeRO-3 export without a gather: each rank writes its partition of every parameter into one
-safetensors file (actors/weight_sync.py). Pure: the partitions are cut here as DeepSpeed cuts them
+safetensors file (actors/weight_files.py). Pure: the partitions are cut here as DeepSpeed cuts them
 (flatten, pad to a multiple of the world size, rank r takes the r-th slice)."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from actors.weight_sync import (
+from actors.weight_files import (
     Partition,
     safetensors_layout,
     write_partitions,

@@ -9,7 +9,7 @@ import torch
 
 from actors.group import named_actor
 from actors.rollout import RolloutRequest, RolloutWorker, SamplingSpec
-from actors.weight_sync import link_model_files
+from actors.weight_files import link_model_files
 from calibrl.modeling import vl_forward_kwargs
 
 pytestmark = pytest.mark.slow
