@@ -35,27 +35,16 @@ VARIANTS = {"eager": {}, "compiled": {}, "static": {"CALIBRL_BENCH_STATIC": "1"}
 def measure(variant: str, device_name: str, rows: int, length: int, repeats: int) -> list[float]:
     """[calibrl wall s, grpo wall s, calibrl kernel s, grpo kernel s, calibrl launches, grpo launches]."""
     import torch
-    from gpu_check import loss_inputs, sync
+    from gpu_check import loss_inputs, loss_steps, sync
     from torch.profiler import ProfilerActivity, profile
 
-    from calibrl.algo import calibrl_loss, compile_loss_kernels, ppo_loss
+    from calibrl.algo import compile_loss_kernels
 
     device = torch.device(device_name)
     if variant == "static":
         torch._dynamo.maybe_mark_dynamic = lambda *args, **kwargs: None
     compile_loss_kernels(variant != "eager")
-    t = loss_inputs(rows, length, device)
-
-    def calib():
-        logp = t["logp"].clone().requires_grad_()
-        loss, _ = calibrl_loss(logp, t["old"], t["adv"], t["mask"], t["is_expert"], t["passed"], t["expert"],
-                               has_expert=t["has_expert"], **t["norms"])
-        loss.backward()
-
-    def grpo():
-        logp = t["logp"].clone().requires_grad_()
-        loss, _ = ppo_loss(logp, t["old"], t["adv"], t["mask"], t["is_expert"], **t["norms"])
-        loss.backward()
+    calib, grpo = loss_steps(loss_inputs(rows, length, device))
 
     fns = (calib, grpo)
     for _ in range(3):

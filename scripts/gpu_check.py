@@ -147,10 +147,9 @@ def loss_inputs(rows: int, length: int, device: torch.device, seed: int = 0) -> 
     return t
 
 
-def loss_time(device: torch.device, rows: int, repeats: int, length: int = 1024) -> tuple[float, float]:
+def loss_steps(t: dict):
+    """(calibrl, GRPO): each a forward + backward of that loss, metrics included, on `loss_inputs`."""
     from calibrl.algo import calibrl_loss, ppo_loss
-
-    t = loss_inputs(rows, length, device)
 
     def calib():
         logp = t["logp"].clone().requires_grad_()
@@ -163,6 +162,11 @@ def loss_time(device: torch.device, rows: int, repeats: int, length: int = 1024)
         loss, _ = ppo_loss(logp, t["old"], t["adv"], t["mask"], t["is_expert"], **t["norms"])
         loss.backward()
 
+    return calib, grpo
+
+
+def loss_time(device: torch.device, rows: int, repeats: int, length: int = 1024) -> tuple[float, float]:
+    calib, grpo = loss_steps(loss_inputs(rows, length, device))
     times = {calib: [], grpo: []}
     for fn in (calib, grpo, calib, grpo):  # warm-up (and compile)
         fn()
