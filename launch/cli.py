@@ -111,6 +111,7 @@ def cmd_report(argv: list[str]) -> None:
 def cmd_demo(argv: list[str]) -> None:
     """The CPU demo: tiny VL model + synthetic arithmetic task, SFT warm-up then CalibRL, then the report."""
     from calibrl.config import load_config, split_config_args
+    from launch.memory import last_memory, peak_line
     from launch.metrics import read_metrics
     from launch.report import write_report
     from launch.train import train
@@ -128,7 +129,8 @@ def cmd_demo(argv: list[str]) -> None:
           f"{cfg.trainer.output_dir}/tensorboard)", flush=True)
     train(cfg)
     summary = write_report(cfg.trainer.output_dir)
-    evals = [r for r in read_metrics(cfg.trainer.output_dir) if r.get("kind") == "eval"]
+    records = read_metrics(cfg.trainer.output_dir)
+    evals = [r for r in records if r.get("kind") == "eval"]
     start, end = evals[0], evals[-1]
     sft = next((r for r in evals if r.get("phase") == "after SFT warm-up"), start)
     gain = ""
@@ -139,6 +141,7 @@ def cmd_demo(argv: list[str]) -> None:
           f"{start.get('val/accuracy', 0.0):.3f} at the start -> "
           f"{sft.get('val/accuracy', 0.0):.3f} after SFT -> "
           f"{end.get('val/accuracy', 0.0):.3f} after RL{gain}; {time.time() - t0:.0f} s", flush=True)
+    print(f"[demo] peak resident memory per process, GB: {peak_line(last_memory(records))}", flush=True)
 
 
 def cmd_submit(argv: list[str]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+from launch.memory import last_memory
 from launch.metrics import read_metrics
 
 PLOTS = [
@@ -86,6 +87,18 @@ def write_report(run_dir: str) -> str:
         if per_source:
             lines += ["", "Per data source (last evaluation):", ""]
             lines += [f"- {k.removeprefix('val/accuracy/')}: {last[k]:.3f}" for k in per_source]
+    memory = last_memory(records)
+    if memory:
+        lines += ["", "## Memory per process (GB)", "",
+                  ("Each actor's process and the driver's, as last sampled (actors/memory.py): its peak and "
+                   "current resident memory, its child processes' proportional share now, and on a GPU "
+                   "torch's peak allocation there."), "",
+                  "| process | peak resident | resident | children (PSS) | GPU peak |",
+                  "|---|---|---|---|---|"]
+        for name, m in memory.items():
+            cells = (f"{m[k]:.2f}" if k in m else "-" for k in ("peak_rss_gb", "rss_gb", "children_pss_gb",
+                                                                "gpu_peak_gb"))
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Plots: " + ", ".join(f"[{n}]({n}.png)" for n, _, _ in PLOTS), ""]
     path = os.path.join(out, "summary.md")
     with open(path, "w") as f:

@@ -55,6 +55,7 @@ from launch import checkpoint as ckpt
 from launch.cluster import connect_ray, needed_cpus
 from launch.errors import RunStopped
 from launch.evaluate import evaluate
+from launch.memory import MemoryWatch
 from launch.metrics import MetricsLogger, read_metrics
 from launch.progress import Progress
 from launch.rollout_stream import PendingRollout, RolloutStream, gather_parts, place_rows, step_seed
@@ -131,6 +132,8 @@ class Trainer:
                                     score_rows=self.score_rows if c.trainer.stream_logprobs else None)
         self.weight_sync = make_weight_sync(c, self.learners, self.rollout)
         self.logger = MetricsLogger(self.out)
+        self.memory = MemoryWatch(lambda: [*self.rollout, *self.learners.actors, *self.verifiers.workers,
+                                           self.experts])
         self.engine_recoveries = 0
         self.nonfinite = 0  # updates in a row skipped for a non-finite loss or gradient
         self.stop_requested: str | None = None  # the signal that asked the run to stop
@@ -146,6 +149,7 @@ class Trainer:
 
     def fit(self) -> dict:
         c = self.cfg.trainer
+        self.memory.poll()  # ask every actor now: the first step's record has their answers
         if self.resume_from:
             self.restore(self.resume_from)
         else:
@@ -173,7 +177,7 @@ class Trainer:
             self.step += 1
             if not self.method.needs_rollouts:  # the SFT baseline: expert trajectories only
                 metrics = self.sft_update(self.cfg.algorithm.name)
-                self.logger.log(self.step, metrics)
+                self.logger.log(self.step, metrics | self.memory.poll())
                 self.progress.advance(loss=metrics.get("loss/total", float("nan")))
             else:
                 # synchronous mode samples here; one-step-off mode already started it during the last step
@@ -186,7 +190,7 @@ class Trainer:
                 self.save()
         self.progress.close()
         final = self.evaluate_now()
-        self.log_eval(final, phase="final")
+        self.log_eval(final | self.memory.final(), phase="final")
         self.save()
         first = next((r for r in read_metrics(self.out) if r.get("kind") == "eval"), final)
         acc = [r.get("val/accuracy", float("nan")) for r in (first, final)]
@@ -272,6 +276,7 @@ class Trainer:
                     "time/logprobs_s": t_logp - t_rollout, "time/train_s": t_train - t_logp,
                     "time/step_s": time.time() - t0,
                     "perf/tokens_per_s": float(batch.response_length.sum()) / max(time.time() - t0, 1e-9)}
+        metrics |= self.memory.poll()
         self.logger.log(self.step, metrics)
         self.progress.advance(**{label: metrics[k] for label, k in PROGRESS_KEYS.items() if k in metrics})
         return next_pending
@@ -578,8 +583,8 @@ class Trainer:
                            + " ".join(f"{k}={v:.3f}" for k, v in shown.items()))
 
     def log_sft(self, metrics: dict) -> None:
-        self.logger.log(self.sft_step, {f"sft/{k.split('/', 1)[-1]}": v for k, v in metrics.items()},
-                        kind="sft")
+        self.logger.log(self.sft_step, {f"sft/{k.split('/', 1)[-1]}": v for k, v in metrics.items()}
+                        | self.memory.poll(), kind="sft")
         self.progress.advance(loss=metrics.get("loss/total", float("nan")))
 
     def save(self) -> str:

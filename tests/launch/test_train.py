@@ -14,6 +14,7 @@ import torch
 
 from calibrl.config import load_config
 from calibrl.data.synthetic import generate_examples, write_splits
+from launch.memory import memory_by_actor
 from launch.metrics import read_metrics
 from launch.train import Trainer
 
@@ -65,6 +66,7 @@ def test_three_steps_end_to_end(ray_local, tiny_models, data_dir, tmp_path):
     steps = train_records(out)
     assert sorted(steps) == [1, 2, 3]
     assert any(r["calib/advantage_abs_mean"] > 0 for r in steps.values())  # there was a learning signal
+    names = {"rollout-0", "learner-0", "verifier-0", "expert-store", "driver"}
     for r in steps.values():
         for key in ("reward/mean", "acc/pass_rate", "groups/all_fail_frac", "policy/entropy", "loss/pg",
                     "loss/calib", "train/calib_branch_full_frac", "train/pg_clipfrac_upper",
@@ -75,6 +77,16 @@ def test_three_steps_end_to_end(ray_local, tiny_models, data_dir, tmp_path):
         # chunk by chunk while the step generated, each row landing where it belongs
         assert r["policy/rollout_vs_learner_logp_gap"] < 1e-3
         assert r["perf/logprobs_streamed"] == 1.0
+        # every process's memory, named as on the Ray dashboard (each actor's last answer: never waited on)
+        assert set(memory_by_actor(r)) == names
+    # the end of the run waits for every actor's fresh answer: each a real process of plausible size
+    memory = memory_by_actor(read_metrics(out)[-1])
+    assert set(memory) == names
+    for name, m in memory.items():
+        assert 0.05 < m["rss_gb"] <= m["peak_rss_gb"] < 24, (name, m)
+    # the engine (vLLM + the VL model) and the learner (DeepSpeed + the model) hold more than the verifier
+    assert min(memory["rollout-0"]["peak_rss_gb"], memory["learner-0"]["peak_rss_gb"]) > \
+        memory["verifier-0"]["peak_rss_gb"]
     assert info["weights_version"] == trainer.version == 3  # the engine serves the last update
     evals = [r for r in read_metrics(out) if r["kind"] == "eval"]
     assert [e["step"] for e in evals] == [0, 3] and "val/pass_at_k" in evals[-1]
