@@ -12,8 +12,9 @@ streamed during generation (the default), and one-step-off: its step time agains
 + train) of the synchronous run (target <= 1.15x), and where the CPU went in each: CPU seconds per
 step of the learner, rollout, verifier and driver processes (/proc, between the end of the warm-up
 step and the end of the last, by psutil), the whole machine's busy seconds, the hypervisor's steal among them,
-and how many cores were kept busy. Every run scores responses with benchmarks/rewards.py:odd_length,
-which a random model earns half the time, so every step trains.
+and how many cores were kept busy; and the peak resident memory of each actor's process (and the
+driver's) as the run logged it (launch/memory.py). Every run scores responses with
+benchmarks/rewards.py:odd_length, which a random model earns half the time, so every step trains.
 Prints the tables and the fitted slopes (seconds per completion, least squares), and writes
 `scaling.png` (the curves) to --out.
 """
@@ -61,6 +62,7 @@ def timed_run(config: str | None, overrides: list[str]) -> dict:
     """Medians of the `time/*` metrics over every step but the first (the warm-up), and `cpu`: each
     role's CPU seconds per step over the same steps, with `cores`, the machine's busy cores."""
     from calibrl.config import load_config
+    from launch.memory import last_memory
     from launch.metrics import read_metrics
     from launch.train import Trainer
 
@@ -79,8 +81,10 @@ def timed_run(config: str | None, overrides: list[str]) -> dict:
         trainer.fit()
     finally:
         trainer.shutdown()
-    rows = [r for r in read_metrics(cfg.trainer.output_dir) if r["kind"] == "train"][1:]
+    records = read_metrics(cfg.trainer.output_dir)
+    rows = [r for r in records if r["kind"] == "train"][1:]
     result = {k: statistics.median(r.get(k, 0.0) for r in rows) for k in KEYS}
+    result["memory"] = last_memory(records)  # each process's, as the run logged it at its end
     (t0, c0), (t1, c1) = marks[0], marks[-1]
     steps = max(1, len(marks) - 1)
     result["cpu"] = {k: (c1[k] - c0[k]) / steps for k in c1}
@@ -176,6 +180,16 @@ def main() -> None:
     for name, r in modes.items():
         cells = (r["cpu"][k] for k in (*dict(ROLES), "driver", "busy", "steal", "cores"))
         print(f"| {name} | " + " | ".join(f"{x:.2f}" for x in cells) + " |")
+    names = list(async_["memory"])
+    print("\nPeak resident memory of each process, GB (its own VmHWM; children's PSS at the end in brackets)")
+    print("| mode | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for name, r in modes.items():
+        cells = []
+        for proc in names:
+            m = r["memory"].get(proc, {})
+            kids = f" (+{m['children_pss_gb']:.2f})" if "children_pss_gb" in m else ""
+            cells.append(f"{m['peak_rss_gb']:.2f}{kids}" if "peak_rss_gb" in m else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
     learn = after["time/logprobs_s"] + after["time/train_s"]
     bound = max(after["time/rollout_s"], learn)
     print(f"\nsynchronous: rollout {after['time/rollout_s']:.2f} s, log-probs + train {learn:.2f} s; "

@@ -97,6 +97,7 @@ def run_calibrl(model: str, data: dict[str, str], out: str, steps: int, settings
     import ray
 
     from calibrl.config import load_config
+    from launch.memory import last_memory
     from launch.metrics import read_metrics
     from launch.train import Trainer
 
@@ -114,31 +115,17 @@ def run_calibrl(model: str, data: dict[str, str], out: str, steps: int, settings
     trainer = Trainer(cfg)
     try:
         trainer.fit()
-        memory = actor_memory(trainer)
     finally:
         trainer.shutdown()
         ray.shutdown()
-    rows = [r for r in read_metrics(out) if r["kind"] == "train"][1:]  # the first step warms up
+    records = read_metrics(out)
+    rows = [r for r in records if r["kind"] == "train"][1:]  # the first step warms up
+    # each process's peak resident memory, as the run logged it at its end (launch/memory.py)
+    memory = {name: m["peak_rss_gb"] for name, m in last_memory(records).items()}
     return {"step_s": [r["time/step_s"] for r in rows], "memory": memory,
             "phases": {k: statistics.median(r[k] for r in rows)
                        for k in ("time/rollout_s", "time/logprobs_s", "time/train_s", "time/sync_s")
                        if k in rows[0]}}
-
-
-def actor_memory(trainer) -> dict[str, float]:
-    """Peak resident memory (GB) of each actor process, from the process itself."""
-    import ray
-
-    def peak(_self=None) -> float:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # kB on Linux
-
-    actors = {f"rollout-{i}": w for i, w in enumerate(trainer.rollout)}
-    actors |= {f"learner-{i}": a for i, a in enumerate(trainer.learners.actors)}
-    actors |= {f"verifier-{i}": w for i, w in enumerate(trainer.verifiers.workers)}
-    actors["expert-store"] = trainer.experts
-    return {name: ray.get(a.__ray_call__.remote(peak)) for name, a in actors.items()}
 
 
 # ---- TRL (runs in benchmarks/.venv-trl) ------------------------------------------------------------
