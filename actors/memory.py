@@ -50,9 +50,9 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def process_memory() -> dict[str, float]:
-    """This process's `peak_rss_gb` and `rss_gb`, its descendants' `children_pss_gb` (where it has any),
-    and, where torch uses a CUDA device here, `gpu_peak_gb`."""
+def process_memory(*, children: bool = True) -> dict[str, float]:
+    """This process's `peak_rss_gb` and `rss_gb`, its descendants' `children_pss_gb` (with `children`,
+    where it has any), and, where torch uses a CUDA device here, `gpu_peak_gb`."""
     pid = os.getpid()
     peak = _kb(f"/proc/{pid}/status", "VmHWM")
     if peak is None:  # no /proc: getrusage's peak (kB on Linux, bytes on macOS)
@@ -61,9 +61,9 @@ def process_memory() -> dict[str, float]:
     now = _kb(f"/proc/{pid}/status", "VmRSS")
     if now is not None:
         out["rss_gb"] = now * 1024 / GB
-    children = [_kb(f"/proc/{child}/smaps_rollup", "Pss") for child in _descendants(pid)]
-    if children:
-        out["children_pss_gb"] = sum(kb or 0 for kb in children) * 1024 / GB
+    descendants = [_kb(f"/proc/{kid}/smaps_rollup", "Pss") for kid in (_descendants(pid) if children else [])]
+    if descendants:
+        out["children_pss_gb"] = sum(kb or 0 for kb in descendants) * 1024 / GB
     torch = sys.modules.get("torch")  # never imported for this: a verifier may not use torch at all
     if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
         out["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / GB

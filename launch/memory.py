@@ -1,5 +1,6 @@
 """Memory per actor, logged with every step: `memory/<actor name>/peak_rss_gb`, `.../rss_gb` and, on a
-GPU, `.../gpu_peak_gb` (see actors/memory.py for what each means), and the driver's as `memory/driver/...`.
+GPU, `.../gpu_peak_gb`, with `.../children_pss_gb` where an actor has child processes (see
+actors/memory.py for what each means), and the driver process's own as `memory/driver/...`.
 
 Sampling never waits on an actor: a busy one (an engine generating the next step in one-step-off
 mode) answers when it is free, and its last answer is logged until then; a dead one's samples stop
@@ -42,7 +43,8 @@ class MemoryWatch:
         return self.metrics()
 
     def metrics(self) -> dict[str, float]:
-        sampled = self.latest | {"driver": process_memory()}
+        # the driver's own process: a driver that started Ray has the whole local cluster as descendants
+        sampled = self.latest | {"driver": process_memory(children=False)}
         return {f"memory/{name}/{k}": v for name, mem in sampled.items() for k, v in mem.items()}
 
     def _take(self, timeout: float) -> None:

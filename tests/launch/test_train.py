@@ -84,6 +84,9 @@ def test_three_steps_end_to_end(ray_local, tiny_models, data_dir, tmp_path):
     assert set(memory) == names
     for name, m in memory.items():
         assert 0.05 < m["rss_gb"] <= m["peak_rss_gb"] < 24, (name, m)
+    # the verifier scores in forked children (counted once, by their proportional share); the driver's
+    # descendants are this local Ray cluster, actors included: not counted as the driver's
+    assert memory["verifier-0"]["children_pss_gb"] > 0.01 and "children_pss_gb" not in memory["driver"]
     # the engine (vLLM + the VL model) and the learner (DeepSpeed + the model) hold more than the verifier
     assert min(memory["rollout-0"]["peak_rss_gb"], memory["learner-0"]["peak_rss_gb"]) > \
         memory["verifier-0"]["peak_rss_gb"]
