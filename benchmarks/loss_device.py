@@ -10,6 +10,8 @@ variant runs in its own process:
 - `compiled`: `compile_loss_kernels()` as a learner runs it (every dimension dynamic from the first
   call, so micro-batches of any rows and length share one graph; a CUDA learner's default);
 - `static`: the same with shapes left static (a graph per shape: what the dynamic shapes cost);
+- `rows dynamic` / `length dynamic`: only the rows (dimension 0 of every input) or only the length
+  (dimension 1 of the (B, T) inputs) dynamic: which of the two the dynamic graph pays for;
 - `compiled+coord`: `compiled` with inductor's coordinate-descent tuning of the kernels.
 Prints a table and the calibrl / GRPO ratios, measured side by side.
 """
@@ -28,7 +30,9 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
-VARIANTS = {"eager": {}, "compiled": {}, "static": {"CALIBRL_BENCH_STATIC": "1"},
+VARIANTS = {"eager": {}, "compiled": {}, "static": {"CALIBRL_BENCH_DYNAMIC_DIMS": ""},
+            "rows dynamic": {"CALIBRL_BENCH_DYNAMIC_DIMS": "0"},
+            "length dynamic": {"CALIBRL_BENCH_DYNAMIC_DIMS": "1"},
             "compiled+coord": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}}
 
 
@@ -41,8 +45,10 @@ def measure(variant: str, device_name: str, rows: int, length: int, repeats: int
     from calibrl.algo import compile_loss_kernels
 
     device = torch.device(device_name)
-    if variant == "static":
-        torch._dynamo.maybe_mark_dynamic = lambda *args, **kwargs: None
+    dims = os.environ.get("CALIBRL_BENCH_DYNAMIC_DIMS")
+    if dims is not None:  # mark only these dimensions dynamic (0: rows, 1: length; none: all static)
+        keep, mark = {int(d) for d in dims.split(",") if d}, torch._dynamo.maybe_mark_dynamic
+        torch._dynamo.maybe_mark_dynamic = lambda t, dim: mark(t, dim) if dim in keep else None
     compile_loss_kernels(variant != "eager")
     calib, grpo = loss_steps(loss_inputs(rows, length, device))
 
