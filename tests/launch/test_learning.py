@@ -5,11 +5,13 @@ GRPO and under CalibRL (seeded; the module takes about seven minutes on 2 CPU co
 The task is the demo's single-digit arithmetic ("What is 7 + 5?"). The warm-up is long enough for
 the model to read its prompt (350 steps: `val/prompt_dependence` about 0.5 nats/token; after 150
 steps it was under 0.1, answering from the marginal distribution whatever it was asked, and no RL
-method could raise held-out accuracy). In the demo (seed 0) it is then right on 0.297 of 256
-held-out prompts, pass@4 0.50 (a clean clone at c2563e3; earlier sessions measured 0.43 and 0.62),
-so the group advantages carry a signal that carries over to held-out prompts; on this test's data,
-0.297 of 128. The RL phase is the demo's: 20
-steps, each sampling 64 prompts x 4 and taking 4 updates of 16 prompts.
+method could raise held-out accuracy). In the demo (seed 0) it is then right on 0.430 of 256
+held-out prompts, pass@4 0.62, on the machine of 2026-12-05 (AVX-512 kernels; a clean clone at
+ab26bb5), and on 0.297, pass@4 0.50, on that of 2026-12-03 (c2563e3): the warm start depends on the
+CPU's vector kernels (README, "What the demo does"). Either way the group advantages carry a signal
+that carries over to held-out prompts; on this test's data, 0.297 of 128 on the 2026-12-03 machine.
+The RL phase is the demo's: 20 steps, each sampling 64 prompts x 4 and taking 4 updates of 16
+prompts.
 
 Why 20 steps and not 10: from this warm start, 10 steps moved held-out accuracy by -0.031 to +0.094
 over three run seeds (CalibRL +0.008, +0.094, -0.031; GRPO +0.047, +0.070, +0.008), with the
