@@ -17,7 +17,8 @@ DIR/gpu_check.json (default: a temporary folder). Exit 1 if a check fails, 2 wit
 4. learner: `actors.learner.Learner` as one rank (NCCL, bf16; each in its own process) on the tiny
    Qwen2 at ZeRO-2 and ZeRO-3 and on the tiny Qwen2.5-VL (images) at ZeRO-2: its log-probs against
    transformers' float32 forward on the CPU, 6 SFT then 4 CalibRL updates of one batch (each
-   must lower its loss; the loss compiled), and the weight export against the gathered weights.
+   must lower its loss; the loss compiled), the weight export against the gathered weights, and its
+   memory as a run logs it (actors/memory.py: peak RSS, and torch's peak on the GPU).
 
 `--device cpu` runs the same checks on the CPU (gloo, float32): how the script itself is tested.
 """
@@ -300,9 +301,16 @@ def check_learner(model: str, zero_stage: int, root: str) -> None:
     same = state.keys() == exported.keys() and all(torch.equal(state[k], exported[k]) for k in state)
     report(f"{name}: export equals the gathered weights", same, tensors=len(state),
            path="partitions, no gather" if learner.colocated and zero_stage == 3 else "gathered")
+    # what a run logs for this learner (actors/memory.py): the GPU's peak exactly where torch uses one
+    from actors.memory import process_memory
+
+    mem = process_memory()
+    ok = ("gpu_peak_gb" in mem) == cuda and mem["peak_rss_gb"] >= mem["rss_gb"] > 0.05
     if cuda:
-        report(f"{name}: peak GPU memory", True, allocated_MiB=torch.cuda.max_memory_allocated() / 2**20,
-               reserved_MiB=torch.cuda.max_memory_reserved() / 2**20)
+        ok = ok and abs(mem["gpu_peak_gb"] - torch.cuda.max_memory_allocated() / 1e9) < 1e-3
+    report(f"{name}: memory as a run logs it", ok, peak_rss_GB=mem["peak_rss_gb"],
+           gpu_peak_GB=mem.get("gpu_peak_gb", float("nan")),
+           **({"reserved_MiB": torch.cuda.max_memory_reserved() / 2**20} if cuda else {}))
 
 
 # ---- driver -----------------------------------------------------------------------------------

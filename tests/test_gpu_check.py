@@ -40,6 +40,7 @@ def test_the_gpu_check_runs_without_ray_or_vllm(tmp_path):
         calib = checks[f"learner {learner}: CalibRL loss falls"]
         assert calib["last"] < calib["first"]
         assert checks[f"learner {learner}: start"]["backend"] == "gloo"
+        assert checks[f"learner {learner}: memory as a run logs it"]["peak_rss_GB"] > 0.1
     zero3 = checks["learner tiny-qwen2 ZeRO-3: export equals the gathered weights"]
     assert zero3["path"] == "partitions, no gather"
     # the blocker really blocks
