@@ -2,10 +2,11 @@
 GPU, `.../gpu_peak_gb`, with `.../children_pss_gb` where an actor has child processes (see
 actors/memory.py for what each means), and the driver process's own as `memory/driver/...`.
 
-Sampling never waits on an actor: a busy one (an engine generating the next step in one-step-off
-mode) answers when it is free, and its last answer is logged until then; a dead one's samples stop
-with it. Only the end of a run waits, for at most `timeout` seconds, so that the run's last record
-holds every actor's peak.
+Sampling never waits on an actor, and asks at most every few seconds (memory moves slowly; a record
+between askings carries the last answers). A busy actor (an engine generating the next step in
+one-step-off mode) answers when it is free, and its last answer is logged until then; a dead one's
+samples stop with it. Only the end of a run waits, for at most `timeout` seconds, so that the run's
+last record holds every actor's peak.
 """
 
 from __future__ import annotations
@@ -19,17 +20,20 @@ from actors.memory import actor_memory, process_memory
 
 
 class MemoryWatch:
-    def __init__(self, handles: Callable[[], list]):
-        """handles: the run's actors now (a restarted or replaced actor is asked under its new handle)."""
-        self._handles = handles
+    def __init__(self, handles: Callable[[], list], *, every_s: float = 5.0):
+        """handles: the run's actors now (a restarted or replaced actor is asked under its new handle);
+        every_s: ask at most this often (asking all costs the driver ~2 ms, a short SFT step ~250 ms)."""
+        self._handles, self._every_s = handles, every_s
         self._pending: dict = {}  # actor handle -> the ref of its answer
+        self._asked_at = -float("inf")
         self.latest: dict[str, dict[str, float]] = {}  # actor name -> its last answer
 
     def poll(self) -> dict[str, float]:
-        """Take in what the actors have answered since the last call, ask again those that answered,
-        and return the metrics of every actor's last answer."""
+        """Take in what the actors have answered since the last call, ask again those that answered
+        (once `every_s` has passed since the last asking), and return every actor's last answer."""
         self._take(timeout=0)
-        self._ask()
+        if time.monotonic() - self._asked_at >= self._every_s:
+            self._ask()
         return self.metrics()
 
     def final(self, timeout: float = 10.0) -> dict[str, float]:
@@ -64,6 +68,7 @@ class MemoryWatch:
             self.latest[name] = mem
 
     def _ask(self) -> None:
+        self._asked_at = time.monotonic()
         for handle in self._handles():
             if handle not in self._pending:
                 self._pending[handle] = handle.__ray_call__.remote(actor_memory)
