@@ -1,6 +1,6 @@
 """Benchmark: calibrl_loss against the GRPO loss on one device (wall and kernel time), by how it is compiled.
 
-    python3 benchmarks/loss_device.py [--device cuda] [--rows 16 8192] [--length 1024]
+    python3 benchmarks/loss_device.py [--device cuda] [--rows 16 8192] [--length 1024] [--variants ...]
 
 Forward + backward of each loss with its metrics (the inputs of `scripts/gpu_check.py`'s loss
 timing: groups of 15 samples + 1 expert, random lengths), median of alternating synchronised runs,
@@ -12,6 +12,11 @@ variant runs in its own process:
 - `static`: the same with shapes left static (a graph per shape: what the dynamic shapes cost);
 - `rows dynamic` / `length dynamic`: only the rows (dimension 0 of every input) or only the length
   (dimension 1 of the (B, T) inputs) dynamic: which of the two the dynamic graph pays for;
+- `length aligned`: `compiled`, the losses first telling the compiler that the length is a multiple of
+  16 (`torch._check`, which the compiled graph then guards on). With every dimension dynamic, inductor
+  cannot prove a row's stride (the length) a multiple of 16, so Triton gets no alignment hint for
+  the row offsets and cannot vectorise the loads; this variant gives it the hint, as a learner would
+  whose batches pad the response length to a multiple of 16 (the inputs here are 1024 long);
 - `compiled+coord`: `compiled` with inductor's coordinate-descent tuning of the kernels.
 Prints a table and the calibrl / GRPO ratios, measured side by side.
 """
@@ -33,7 +38,22 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 VARIANTS = {"eager": {}, "compiled": {}, "static": {"CALIBRL_BENCH_DYNAMIC_DIMS": ""},
             "rows dynamic": {"CALIBRL_BENCH_DYNAMIC_DIMS": "0"},
             "length dynamic": {"CALIBRL_BENCH_DYNAMIC_DIMS": "1"},
+            "length aligned": {"CALIBRL_BENCH_ALIGN": "16"},
             "compiled+coord": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}}
+
+
+def aligned(fn, align: int):
+    """`fn` (a loss kernel) telling the compiler that its inputs' length is a multiple of `align`."""
+    import torch
+
+    def run(*args, **kwargs):
+        # every (B, T) input: the compiler unifies their lengths into one symbol, which keeps the fact
+        # only if that symbol's own check stated it; no message, whose lambda would break the graph
+        for arg in args:
+            if isinstance(arg, torch.Tensor) and arg.dim() == 2:
+                torch._check(arg.shape[-1] % align == 0)
+        return fn(*args, **kwargs)
+    return run
 
 
 def measure(variant: str, device_name: str, rows: int, length: int, repeats: int) -> list[float]:
@@ -49,6 +69,11 @@ def measure(variant: str, device_name: str, rows: int, length: int, repeats: int
     if dims is not None:  # mark only these dimensions dynamic (0: rows, 1: length; none: all static)
         keep, mark = {int(d) for d in dims.split(",") if d}, torch._dynamo.maybe_mark_dynamic
         torch._dynamo.maybe_mark_dynamic = lambda t, dim: mark(t, dim) if dim in keep else None
+    align = int(os.environ.get("CALIBRL_BENCH_ALIGN", "0"))
+    if align:  # compile_loss_kernels() compiles the module's kernels as they are when it runs
+        from calibrl.algo import losses
+        losses._ppo_terms, losses._calibrl_terms = (aligned(losses._ppo_terms, align),
+                                                    aligned(losses._calibrl_terms, align))
     compile_loss_kernels(variant != "eager")
     calib, grpo = loss_steps(loss_inputs(rows, length, device))
 
@@ -85,6 +110,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[16, 512, 8192])
     parser.add_argument("--length", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
+                        help="which variants to run (default: all)")
     parser.add_argument("--one", nargs=2, metavar=("VARIANT", "ROWS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -100,7 +127,8 @@ def main() -> None:
           f"(torch {torch.__version__})\n")
     print("| variant | rows | calibrl wall ms | GRPO wall ms | ratio | calibrl kernels us | GRPO kernels us "
           "| ratio | launches |\n|---|---|---|---|---|---|---|---|---|")
-    for variant, env in VARIANTS.items():
+    for variant in args.variants:
+        env = VARIANTS[variant]
         for rows in args.rows:
             proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--device", args.device,
                                    "--length", str(args.length), "--repeats", str(args.repeats),
