@@ -14,7 +14,7 @@ bench: install
 	$(PY) benchmarks/calibration.py
 
 lint: install
-	$(PY) -m ruff check calibrl actors launch tests benchmarks
+	$(PY) -m ruff check calibrl actors launch tests benchmarks scripts
 
 clean:
 	rm -rf runs .pytest_cache

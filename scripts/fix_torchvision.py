@@ -12,7 +12,8 @@ import sysconfig
 tv = pathlib.Path(sysconfig.get_paths()["purelib"]) / "torchvision"
 if not tv.exists():
     sys.exit(0)
-if subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True).returncode == 0:
+probe = subprocess.run([sys.executable, "-c", "import torchvision"], check=False, capture_output=True)
+if probe.returncode == 0:
     sys.exit(0)
 for so in ("_C.so", "image.so"):
     (tv / so).unlink(missing_ok=True)
@@ -26,7 +27,8 @@ new = (
 )
 if old in src:
     init.write_text(src.replace(old, new))
-check = subprocess.run([sys.executable, "-c", "import torchvision"], capture_output=True, text=True)
+check = subprocess.run([sys.executable, "-c", "import torchvision"], check=False, capture_output=True,
+                       text=True)
 if check.returncode != 0:
     sys.exit(f"[install] torchvision still fails to import after the CPU fix:\n{check.stderr[-2000:]}")
 print("[install] torchvision patched to import without its CUDA ops")
