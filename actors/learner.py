@@ -105,7 +105,7 @@ class Learner:
                  micro_batch_per_device: int = 4, gradient_checkpointing: bool = False,
                  optimizer: str = "adamw", seed: int = 0, temperature: float = 1.0,
                  image_min_pixels: int | None = None, image_max_pixels: int | None = None,
-                 compile_loss: bool | None = None):
+                 compile_loss: bool | None = None, pad_to_multiple_of: int | None = None):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
         cuda = torch.cuda.is_available()
@@ -128,8 +128,11 @@ class Learner:
             skip_shm_all_reduce()
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
         torch.manual_seed(seed + rank)
-        if compile_loss if compile_loss is not None else cuda:
-            compile_loss_kernels()
+        compiled = compile_loss if compile_loss is not None else cuda
+        # the response length a training batch is padded to a multiple of (learner.pad_to_multiple_of)
+        self.pad_multiple = pad_to_multiple_of or (16 if compiled and cuda else 1)
+        if compiled:
+            compile_loss_kernels(length_multiple=self.pad_multiple)
 
         vl = hasattr(AutoConfig.from_pretrained(model_path), "vision_config")
         cls = AutoModelForImageTextToText if vl else AutoModelForCausalLM
@@ -178,7 +181,8 @@ class Learner:
             gradient_checkpointing=cfg.model.gradient_checkpointing, optimizer=ln.optimizer,
             seed=cfg.trainer.seed, temperature=cfg.rollout.temperature,
             image_min_pixels=cfg.model.image_min_pixels, image_max_pixels=cfg.model.image_max_pixels,
-            compile_loss=ln.compile_loss, log_dir=actor_log_dir(cfg))
+            compile_loss=ln.compile_loss, pad_to_multiple_of=ln.pad_to_multiple_of,
+            log_dir=actor_log_dir(cfg))
 
     # ---- batch plumbing ---------------------------------------------------------------------
 
@@ -241,6 +245,7 @@ class Learner:
         step)."""
         self.engine.train()
         t0 = time.time()
+        batch = batch.pad_responses(self.pad_multiple)
         # per key set, the metrics summed on the device (float() per metric would wait for it)
         sums: dict[tuple[str, ...], torch.Tensor] = {}
         micro_count, skipped, nonfinite, trailing = 0, 0, 0, 0

@@ -12,11 +12,11 @@ variant runs in its own process:
 - `static`: the same with shapes left static (a graph per shape: what the dynamic shapes cost);
 - `rows dynamic` / `length dynamic`: only the rows (dimension 0 of every input) or only the length
   (dimension 1 of the (B, T) inputs) dynamic: which of the two the dynamic graph pays for;
-- `length aligned`: `compiled`, the losses first telling the compiler that the length is a multiple of
-  16 (`torch._check`, which the compiled graph then guards on). With every dimension dynamic, inductor
-  cannot prove a row's stride (the length) a multiple of 16, so Triton gets no alignment hint for
-  the row offsets and cannot vectorise the loads; this variant gives it the hint, as a learner would
-  whose batches pad the response length to a multiple of 16 (the inputs here are 1024 long);
+- `length aligned`: `compiled` with `compile_loss_kernels(length_multiple=16)`, the losses telling the
+  compiler that the length is a multiple of 16 (`torch._check` in the graph), as a CUDA learner does
+  whose batches it pads so (`learner.pad_to_multiple_of`; the inputs here are 1024 long). With every
+  dimension dynamic, inductor cannot otherwise prove a row's stride (the length) a multiple of 16, so
+  Triton gets no divisibility hint for the row offsets and loads a token at a time;
 - `compiled+coord`: `compiled` with inductor's coordinate-descent tuning of the kernels.
 Prints a table and the calibrl / GRPO ratios, measured side by side.
 """
@@ -42,20 +42,6 @@ VARIANTS = {"eager": {}, "compiled": {}, "static": {"CALIBRL_BENCH_DYNAMIC_DIMS"
             "compiled+coord": {"TORCHINDUCTOR_COORDINATE_DESCENT_TUNING": "1"}}
 
 
-def aligned(fn, align: int):
-    """`fn` (a loss kernel) telling the compiler that its inputs' length is a multiple of `align`."""
-    import torch
-
-    def run(*args, **kwargs):
-        # every (B, T) input: the compiler unifies their lengths into one symbol, which keeps the fact
-        # only if that symbol's own check stated it; no message, whose lambda would break the graph
-        for arg in args:
-            if isinstance(arg, torch.Tensor) and arg.dim() == 2:
-                torch._check(arg.shape[-1] % align == 0)
-        return fn(*args, **kwargs)
-    return run
-
-
 def measure(variant: str, device_name: str, rows: int, length: int, repeats: int) -> list[float]:
     """[calibrl wall s, grpo wall s, calibrl kernel s, grpo kernel s, calibrl launches, grpo launches]."""
     import torch
@@ -69,12 +55,8 @@ def measure(variant: str, device_name: str, rows: int, length: int, repeats: int
     if dims is not None:  # mark only these dimensions dynamic (0: rows, 1: length; none: all static)
         keep, mark = {int(d) for d in dims.split(",") if d}, torch._dynamo.maybe_mark_dynamic
         torch._dynamo.maybe_mark_dynamic = lambda t, dim: mark(t, dim) if dim in keep else None
-    align = int(os.environ.get("CALIBRL_BENCH_ALIGN", "0"))
-    if align:  # compile_loss_kernels() compiles the module's kernels as they are when it runs
-        from calibrl.algo import losses
-        losses._ppo_terms, losses._calibrl_terms = (aligned(losses._ppo_terms, align),
-                                                    aligned(losses._calibrl_terms, align))
-    compile_loss_kernels(variant != "eager")
+    # length aligned: as a learner with learner.pad_to_multiple_of (the inputs are 1024 long)
+    compile_loss_kernels(variant != "eager", length_multiple=int(os.environ.get("CALIBRL_BENCH_ALIGN", "1")))
     calib, grpo = loss_steps(loss_inputs(rows, length, device))
 
     fns = (calib, grpo)

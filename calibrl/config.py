@@ -177,6 +177,12 @@ class LearnerConfig:
     null (the default): on CUDA learners, where eager mode launches a kernel per op; not on CPU ones,
     where a small run never earns the compile time back. false: the same functions run eagerly.
     Where the compiler fails, the loss warns once and runs eagerly."""
+    pad_to_multiple_of: int | None = None
+    """Pad each training batch's response length on the right to a multiple of this (masked tokens:
+    losses and metrics unchanged). A compiled loss is told the length is such a multiple, which lets
+    its GPU kernels load four tokens at a time instead of one (`calibrl.algo.compile_loss_kernels`;
+    Triton's hint is divisibility by 16, so a multiple of 16 is what helps). null (the default): 16
+    where the loss is compiled on CUDA, else 1 (no padding)."""
     mini_batch_prompts: int = 4
     """Prompts per optimizer update (PPO mini-batch); prompts_per_step must be a multiple."""
     micro_batch_per_device: int = 4
@@ -441,6 +447,8 @@ def validate(cfg: Config) -> Config:
     samples = a.name not in METHODS or METHODS[a.name].needs_rollouts
     need(not samples or r.samples_per_prompt >= 2,
          f"rollout.samples_per_prompt={r.samples_per_prompt}: group advantages need >= 2 samples per prompt")
+    need(ln.pad_to_multiple_of is None or ln.pad_to_multiple_of >= 1,
+         f"learner.pad_to_multiple_of={ln.pad_to_multiple_of} must be >= 1 (or null)")
     for name, value in [("trainer.prompts_per_step", t.prompts_per_step),
                         ("learner.mini_batch_prompts", ln.mini_batch_prompts),
                         ("learner.micro_batch_per_device", ln.micro_batch_per_device),

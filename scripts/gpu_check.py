@@ -11,7 +11,8 @@ DIR/gpu_check.json (default: a temporary folder). Exit 1 if a check fails, 2 wit
    `compile_loss_kernels()` (inductor -> Triton, a CUDA learner's default), against the same loss
    in float64 on the CPU: loss, gradient and metrics (the batches of tests/algo/_random_batch.py).
 2. recompiles: three more batches of other rows, lengths and normalisers reuse the compiled graphs
-   (`error_on_recompile`).
+   (`error_on_recompile`); then every loss again, compiled with `length_multiple=16` on the batch
+   padded to a length of 16, as a CUDA learner runs it (`learner.pad_to_multiple_of`).
 3. loss time: calibrl_loss and the GRPO loss, forward + backward with metrics, eager and compiled,
    16 / 64 / 512 / 8192 rows x 1024 tokens; median of alternating synchronised runs.
 4. learner: `actors.learner.Learner` as one rank (NCCL, bf16; each in its own process) on the tiny
@@ -128,6 +129,19 @@ def check_losses(device: torch.device) -> None:
                 ok, why = False, str(err).splitlines()[0][:160]
             shape = tuple(b.response_ids.shape)
             report(f"no recompile, batch {i + 1} ({shape})", ok, **({"error": why} if why else {}))
+    finally:
+        compile_loss_kernels(False)
+    # a CUDA learner's defaults: the batch padded to a length of a multiple of 16, the losses told so
+    compile_loss_kernels(length_multiple=16)
+    try:
+        padded = batch_as(batch.pad_responses(16), device, torch.float32)
+        width = batch.old_logp.shape[1]
+        logp16 = torch.nn.functional.pad(logp0, (0, padded.old_logp.shape[1] - width)).to(device)
+        for n in METHODS:
+            loss, grad, metrics = run_loss(n, logp16, padded)
+            gap = largest_gap((loss, grad[:, :width], metrics), reference[n])
+            report(f"loss {n}, length padded to a multiple of 16", gap < 1e-5 and not grad[:, width:].any(),
+                   compiled_vs_float64=gap, length=int(padded.old_logp.shape[1]))
     finally:
         compile_loss_kernels(False)
 
@@ -273,7 +287,8 @@ def check_learner(model: str, zero_stage: int, root: str) -> None:
     cuda = learner.device.type == "cuda"
     report(f"{name}: start", learner.device.type == ("cuda" if torch.cuda.is_available() else "cpu"),
            device=str(learner.device), backend=torch.distributed.get_backend(),
-           dtype=str(next(learner.engine.module.parameters()).dtype), seconds=time.perf_counter() - t0)
+           dtype=str(next(learner.engine.module.parameters()).dtype), pad_multiple=learner.pad_multiple,
+           seconds=time.perf_counter() - t0)
 
     shape = tuple(batch.response_ids.shape)
     logp = gather_rank_rows([learner.compute_logprobs(batch)], "logp", shape)

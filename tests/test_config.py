@@ -37,6 +37,7 @@ def test_wrong_type_is_an_error():
     ("rollout.max_response_length=4096", "exceeds model.max_model_len"),
     ("algorithm.loss_agg=sum", "loss_agg='sum' is unknown"),
     ("data.on_bad_row=ignore", "data.on_bad_row='ignore'"),
+    ("learner.pad_to_multiple_of=0", "learner.pad_to_multiple_of=0 must be >= 1"),
 ])
 def test_validate_names_each_problem(override, fragment):
     cfg = load_config(None, [override])

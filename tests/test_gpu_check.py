@@ -36,10 +36,13 @@ def test_the_gpu_check_runs_without_ray_or_vllm(tmp_path):
     assert all(r["ok"] for r in results)
     for name in ("calibrl", "grpo", "dapo", "sft", "luffy", "rlplus"):
         assert checks[f"loss {name}"]["compiled_vs_float64"] < 1e-5
+        padded = checks[f"loss {name}, length padded to a multiple of 16"]
+        assert padded["compiled_vs_float64"] < 1e-5 and padded["length"] == 16
     for learner in ("tiny-qwen2 ZeRO-2", "tiny-qwen2 ZeRO-3", "tiny-qwen2.5-vl ZeRO-2"):
         calib = checks[f"learner {learner}: CalibRL loss falls"]
         assert calib["last"] < calib["first"]
         assert checks[f"learner {learner}: start"]["backend"] == "gloo"
+        assert checks[f"learner {learner}: start"]["pad_multiple"] == 1  # eager on a CPU: no padding
         assert checks[f"learner {learner}: memory as a run logs it"]["peak_rss_GB"] > 0.1
     zero3 = checks["learner tiny-qwen2 ZeRO-3: export equals the gathered weights"]
     assert zero3["path"] == "partitions, no gather"

@@ -147,6 +147,20 @@ class TrainBatch:
         """n contiguous pieces of near-equal size (micro-batches or data-parallel shards)."""
         return [self.select(part) for part in torch.tensor_split(torch.arange(len(self)), n)]
 
+    def pad_responses(self, multiple: int) -> TrainBatch:
+        """This batch with its response length T padded on the right to a multiple of `multiple`
+        (the batch itself if T is one already). The new positions are padding like any other: mask
+        False, ids and log-probs 0. Every loss and metric counts masked tokens only, and right padding
+        comes after a row's last token, so nothing a row computes changes; a compiled loss runs faster
+        on a length it knows to be a multiple of 16 (`compile_loss_kernels(length_multiple=16)`)."""
+        extra = -self.response_ids.shape[1] % multiple
+        if extra == 0:
+            return self
+        out = self.to_dict()
+        for name in TOKEN_FIELDS:
+            out[name] = torch.nn.functional.pad(out[name], (0, extra))
+        return TrainBatch(**out)
+
     def to_dict(self) -> dict[str, Tensor | list]:
         """Field name -> tensor / list, for shipping through Ray; `from_dict` inverts it."""
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -272,6 +272,23 @@ _NORMALISERS = ("global_tokens", "global_seqs")
 """The kernels' keyword arguments that change with every batch."""
 
 
+def _length_multiple_of(fn, multiple: int):
+    """`fn` (a loss kernel) stating, inside the graph the compiler traces, that the length T of its
+    (B, T) inputs is a multiple of `multiple`. With T dynamic, inductor cannot prove a row's offset
+    (row x T) a multiple of 16 elements, so a Triton kernel gets no divisibility hint for T and loads
+    each token with a 32-bit load; stated, it loads four at a time (128-bit). Every (B, T) input states
+    it: the compiler unifies their lengths into one symbol, which keeps the fact only if its own check
+    stated it. No message argument: its lambda would break the graph. A (B, 1) input (the sequence
+    baseline) states nothing."""
+
+    def run(*args, **kwargs):
+        for arg in args:
+            if isinstance(arg, Tensor) and arg.dim() == 2 and arg.shape[-1] != 1:
+                torch._check(arg.shape[-1] % multiple == 0)
+        return fn(*args, **kwargs)
+    return run
+
+
 class _Compiled:
     """`fn` through `torch.compile`, with what each kind of argument needs (dynamo's defaults would
     make every float an input tensor, and compile a graph per shape):
@@ -282,32 +299,41 @@ class _Compiled:
     Unwrapping the floats saves the compiled call a tensor per float; CalibRL has two more (alpha,
     lam) than GRPO.
 
+    `length_multiple` > 1: inputs whose length T is a multiple of it go through a second graph that
+    knows it (`_length_multiple_of`: vector loads in the GPU kernels); a learner pads its batches'
+    T so (`learner.pad_to_multiple_of`). Other lengths take the first graph, compiled when one comes.
+
     Where the compiler fails (no C++ compiler on a CPU machine, a Triton that cannot build for the
     GPU), the loss logs one warning and runs eagerly from then on: the same function, slower."""
 
-    def __init__(self, name: str, fn, backend="inductor"):
+    def __init__(self, name: str, fn, backend="inductor", length_multiple: int = 1):
         self._name, self._eager = name, fn
         self._fn = torch.compile(fn, backend=backend)
-        self._marked = False
+        self._multiple = length_multiple
+        self._fn_multiple = (torch.compile(_length_multiple_of(fn, length_multiple), backend=backend)
+                             if length_multiple > 1 else None)
+        self._marked: set[int] = set()
+        """ids of the compiled functions called once (their first call marks its tensors dynamic)."""
 
     def __call__(self, *args, **kwargs):
         for key in _NORMALISERS:
             if isinstance(kwargs.get(key), (int, float)):
                 kwargs[key] = torch.scalar_tensor(kwargs[key], dtype=args[0].dtype, device=args[0].device)
-        if not self._marked:
+        fn = self._fn_multiple if self._fn_multiple and args[0].shape[-1] % self._multiple == 0 else self._fn
+        if id(fn) not in self._marked:
             for arg in args:
                 if isinstance(arg, Tensor):
                     for dim in range(arg.dim()):
                         torch._dynamo.maybe_mark_dynamic(arg, dim)
-            self._marked = True
+            self._marked.add(id(fn))
         try:
-            return self._fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as err:
             cause = getattr(err, "inner_exception", None) or err
             first_line = (str(cause).strip().splitlines() or [""])[0]
             log.warning("torch.compile could not build the %s loss (%s: %s); it runs eagerly from now on",
                         self._name, type(cause).__name__, first_line)
-            self._fn = self._eager
+            self._fn, self._fn_multiple = self._eager, None
             return self._eager(*args, **kwargs)
 
 
@@ -317,11 +343,14 @@ def loss_kernels_compiled() -> bool:
     return all(isinstance(k, _Compiled) and k._fn is not k._eager for k in _KERNELS.values())
 
 
-def compile_loss_kernels(enabled: bool = True, *, backend="inductor") -> None:
+def compile_loss_kernels(enabled: bool = True, *, backend="inductor", length_multiple: int = 1) -> None:
     """Run the PG kernel and the whole GRPO and CalibRL losses through `torch.compile` (one fused loop
     each, for any shape; see `_Compiled`), or back in eager mode. Compiling costs seconds on the first
-    call of each process. `backend`: torch.compile's."""
-    _KERNELS.update((name, _Compiled(name, fn, backend) if enabled else fn)
+    call of each process. `backend`: torch.compile's. `length_multiple`: batches whose response length
+    is a multiple of it use graphs that know it (see `_Compiled`)."""
+    if length_multiple < 1:
+        raise ValueError(f"length_multiple must be >= 1, got {length_multiple}")
+    _KERNELS.update((name, _Compiled(name, fn, backend, length_multiple) if enabled else fn)
                     for name, fn in {"pg": _pg_kernel, "ppo": _ppo_terms, "calibrl": _calibrl_terms}.items())
 
 

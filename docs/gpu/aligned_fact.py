@@ -2,8 +2,9 @@
 
     python3 docs/gpu/aligned_fact.py
 
-For `benchmarks/loss_device.py`'s `length aligned` variant: compiles the loss kernel as a learner
-does (every dimension dynamic), plain and wrapped by `loss_device.aligned`, through a backend that
+For `compile_loss_kernels(length_multiple=16)` (`benchmarks/loss_device.py`'s `length aligned`):
+compiles the loss kernel as a learner does (every dimension dynamic), plain and wrapped by
+`losses._length_multiple_of`, through a backend that
 asks inductor's size reasoning (`statically_known_multiple_of`, what `config_of` asks before giving
 a Triton argument the divisible-by-16 hint) about each (B, T) input's length. Prints one line each.
 """
@@ -13,13 +14,12 @@ import sys
 sys.path[:0] = [os.getcwd(), "scripts", "benchmarks"]
 import torch
 from gpu_check import loss_inputs, loss_steps
-from loss_device import aligned
 from torch._inductor.sizevars import SizeVarAllocator
 
 from calibrl.algo import compile_loss_kernels, losses
 
 plain = losses._calibrl_terms
-for name, kernel in (("plain", plain), ("aligned", aligned(plain, 16))):
+for name, kernel in (("plain", plain), ("aligned", losses._length_multiple_of(plain, 16))):
     known = set()
 
     def backend(gm, example_inputs, known=known):

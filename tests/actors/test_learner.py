@@ -73,13 +73,15 @@ def test_two_ranks_train_and_loss_falls(ray_local, tiny_models, stage):
         learners.shutdown()
 
 
-def sgd_step_weights(tiny_models, ranks, micro, compile_loss=None):
-    learners = ActorGroup(Learner, ranks, name_prefix=f"learner-{ranks}x{micro}{'c' if compile_loss else ''}",
+def sgd_step_weights(tiny_models, ranks, micro, compile_loss=None, pad_to_multiple_of=None):
+    name = f"learner-{ranks}x{micro}{'c' if compile_loss else ''}{pad_to_multiple_of or ''}"
+    learners = ActorGroup(Learner, ranks, name_prefix=name,
                           num_cpus_per_actor=1, model_path=tiny_models["tiny-qwen2"], zero_stage=2, lr=0.5,
                           grad_clip=1e9, optimizer="sgd", micro_batch_per_device=micro,
-                          compile_loss=compile_loss)
+                          compile_loss=compile_loss, pad_to_multiple_of=pad_to_multiple_of)
     try:
         batch = fixed_batch(num_groups=4, n=3, seed=1)  # 4 x (3 + 1 expert) = 16 rows
+        assert batch.response_ids.shape[1] % 16  # so that padding to 16 pads
         attach_expert_logprobs(batch, old_logprobs(learners, batch) - 0.1)  # ratios away from 1
         metrics = ray.get(learners.run("train_step", batch, loss_name="calibrl", loss_kwargs=LOSS))
         # the fused loss ran (not the eager fallback) exactly where asked for
@@ -97,11 +99,15 @@ def test_update_independent_of_micro_batches_and_ranks(ray_local, tiny_models):
     two_ranks = sgd_step_weights(tiny_models, ranks=2, micro=4)  # 8 rows per rank: 2 x 2 micro-batches
     # the learner's compiled loss (a CPU learner's default is eager), micro-batches of 3, 3 and 2 rows
     compiled = sgd_step_weights(tiny_models, ranks=2, micro=3, compile_loss=True)
+    # a CUDA learner's defaults: the batch's response length padded to a multiple of 16, the compiled
+    # loss told so
+    padded = sgd_step_weights(tiny_models, ranks=1, micro=4, compile_loss=True, pad_to_multiple_of=16)
     moved = max((one_rank[k] - init[k]).abs().max().item() for k in init)
     assert moved > 1e-4  # the step did something
     for k in init:
         assert torch.allclose(one_rank[k], two_ranks[k], atol=1e-6, rtol=1e-4), k
         assert torch.allclose(one_rank[k], compiled[k], atol=1e-6, rtol=1e-4), k
+        assert torch.allclose(one_rank[k], padded[k], atol=1e-6, rtol=1e-4), k
 
 
 @pytest.mark.parametrize("ranks", [2, 4])

@@ -187,3 +187,26 @@ def test_empty_after_dynamic_sampling():
     stage.add(group)
     batch, m = stage.assemble()
     assert len(batch) == 0 and m["groups_dropped"] == 1
+
+
+def test_pad_responses_pads_token_fields_on_the_right():
+    stage = CalibrationStage(pad_token_id=0, mixup="always")
+    for g in random_groups(3, seed=8, max_len=12):
+        stage.add(g)
+    batch, _ = stage.assemble()
+    batch = attach_expert_logprobs(batch, -torch.rand(batch.response_ids.shape) - 0.1)
+    width = batch.response_ids.shape[1]
+    assert width % 16 != 0
+    padded = batch.pad_responses(16)
+    assert padded.response_ids.shape == (len(batch), 16)
+    for name in ("response_ids", "response_mask", "rollout_logp", "old_logp", "expert_old_logp"):
+        old, new = getattr(batch, name), getattr(padded, name)
+        assert new.dtype == old.dtype and new.shape == (len(batch), 16), name
+        assert torch.equal(new[:, :width], old), name
+        assert not new[:, width:].any(), name  # 0 / False: padding
+    for name in ("prompt_ids", "advantages", "passed", "expert_row", "response_length"):
+        assert torch.equal(getattr(padded, name), getattr(batch, name)), name
+    assert padded.prompt_images == batch.prompt_images
+    # already a multiple: the batch itself
+    assert padded.pad_responses(16) is padded and batch.pad_responses(1) is batch
+    assert padded.pad_responses(8) is padded and padded.pad_responses(5).response_ids.shape[1] == 20

@@ -468,3 +468,110 @@ def test_a_loss_the_compiler_cannot_build_runs_eagerly(caplog):
     warnings = [r.getMessage() for r in caplog.records if r.name == "calibrl.algo.losses"]
     assert len(warnings) == 1, warnings
     assert "calibrl loss" in warnings[0] and "RuntimeError: no C++ compiler on this machine" in warnings[0]
+
+
+# ---------------------------------------------------------------- padding and the compiled length
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_right_padding_changes_no_loss(name):
+    """A learner pads a batch's response length to a multiple of 16 (`learner.pad_to_multiple_of`):
+    every loss, gradient and metric must be the same (the padded positions get no gradient)."""
+    batch = random_batch(6, seed=9, expert_in_baseline=name in ("luffy", "rlplus"))
+    width = batch.response_ids.shape[1]
+    padded = batch.pad_responses(16)
+    assert padded.response_ids.shape[1] == 16 > width
+    gen = torch.Generator().manual_seed(9)
+    logp0 = (batch.old_logp + 0.5 * torch.randn(batch.old_logp.shape, generator=gen)).clamp(max=-1e-3)
+    entropy0 = torch.rand(logp0.shape, generator=gen)
+    # what a model computes on the padded positions is anything: make it far off
+    extra = (len(batch), 16 - width)
+    logp_padded = torch.cat([logp0, torch.full(extra, -7.0)], dim=1)
+    entropy_padded = torch.cat([entropy0, torch.full(extra, 9.0)], dim=1)
+    results = []
+    for b, lp, ent in ((batch, logp0, entropy0), (padded, logp_padded, entropy_padded)):
+        logp = lp.clone().requires_grad_()
+        loss, metrics = compute_loss(name, logp, b, entropy=ent, entropy_coef=0.01, kl_coef=0.05,
+                                     norm_length=20, **loss_normalizers(name, b))
+        loss.backward()
+        results.append((loss.detach(), logp.grad, metrics))
+    (loss, grad, metrics), (p_loss, p_grad, p_metrics) = results
+    assert grad.abs().sum() > 0
+    torch.testing.assert_close(p_loss, loss)
+    torch.testing.assert_close(p_grad[:, :width], grad)
+    assert not p_grad[:, width:].any()
+    assert p_metrics.keys() == metrics.keys()
+    for key in metrics:
+        torch.testing.assert_close(p_metrics[key], metrics[key], msg=key)
+
+
+def _length_facts(calls):
+    """A torch.compile backend that records, for each graph it is given, whether the compiler can prove
+    the length of the graph's (B, T) inputs a multiple of 16 (what inductor asks before giving a
+    Triton kernel the divisible-by-16 hint); it runs the graph uncompiled."""
+    from torch._inductor.sizevars import SizeVarAllocator
+
+    def backend(gm, example_inputs):
+        values = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        sizes = SizeVarAllocator(tensors[0].fake_mode.shape_env)
+        lengths = [t.shape[1] for t in tensors if t.dim() == 2 and isinstance(t.shape[1], torch.SymInt)]
+        calls.append(all(sizes.statically_known_multiple_of(n.node.expr, 16) for n in lengths)
+                     if lengths else None)
+        return gm
+    return backend
+
+
+@pytest.mark.parametrize("baseline", ["token", "sequence"])
+def test_a_length_multiple_of_16_reaches_the_compiler(baseline):
+    """`compile_loss_kernels(length_multiple=16)`: a batch padded to a multiple of 16 runs a graph that
+    knows it (the GPU kernels' vector loads depend on it); any other length runs a graph that does
+    not, and neither fails on the other's lengths."""
+    from calibrl.algo import compile_loss_kernels
+
+    calls = []
+    batch = random_batch(5, seed=10)
+    assert batch.response_ids.shape[1] % 16
+    compile_loss_kernels(backend=_length_facts(calls), length_multiple=16)
+    try:
+        for b in (batch.pad_responses(16), batch, batch.pad_responses(32), batch.pad_responses(16)):
+            logp = b.old_logp.clone().requires_grad_()
+            loss, _ = compute_loss("calibrl", logp, b, baseline=baseline, **loss_normalizers("calibrl", b))
+            loss.backward()
+            assert torch.isfinite(logp.grad).all() and logp.grad.abs().sum() > 0
+    finally:
+        compile_loss_kernels(False)
+    # one graph knowing the multiple (T = 16, then 32 and 16 again without recompiling), one not
+    assert calls == [True, False], calls
+    with pytest.raises(ValueError, match="length_multiple"):
+        compile_loss_kernels(length_multiple=0)
+
+
+def test_compiled_kernels_match_eager_at_a_known_length_multiple():
+    """Inductor's kernels with the length stated a multiple of 16: the same loss, gradient and
+    metrics as eager mode, on a padded batch (that graph) and an unpadded one (the other)."""
+    from calibrl.algo import compile_loss_kernels
+
+    batch = random_batch(4, seed=12)
+    gen = torch.Generator().manual_seed(12)
+    logp0 = (batch.old_logp + 0.4 * torch.randn(batch.old_logp.shape, generator=gen)).clamp(max=-1e-3)
+    padded_logp = torch.nn.functional.pad(logp0, (0, 16 - logp0.shape[1]))
+    cases = [(batch, logp0), (batch.pad_responses(16), padded_logp)]
+
+    def run(b, lp):
+        logp = lp.clone().requires_grad_()
+        loss, metrics = compute_loss("calibrl", logp, b, **loss_normalizers("calibrl", b))
+        loss.backward()
+        return loss.detach(), logp.grad, metrics
+
+    eager = [run(*case) for case in cases]
+    compile_loss_kernels(length_multiple=16)
+    try:
+        fused = [run(*case) for case in cases]
+    finally:
+        compile_loss_kernels(False)
+    for (loss, grad, metrics), (f_loss, f_grad, f_metrics) in zip(eager, fused):
+        torch.testing.assert_close(f_loss, loss)
+        torch.testing.assert_close(f_grad, grad)
+        for key in metrics:
+            torch.testing.assert_close(f_metrics[key], metrics[key], msg=key)
