@@ -286,6 +286,9 @@ def _length_multiple_of(fn, multiple: int):
             if isinstance(arg, Tensor) and arg.dim() == 2 and arg.shape[-1] != 1:
                 torch._check(arg.shape[-1] % multiple == 0)
         return fn(*args, **kwargs)
+    # a code object of its own: torch.compile keeps its graphs (and counts recompiles) per code
+    # object, and every kernel's wrapper would otherwise share this one
+    run.__code__ = run.__code__.replace()
     return run
 
 

@@ -547,6 +547,26 @@ def test_a_length_multiple_of_16_reaches_the_compiler(baseline):
         compile_loss_kernels(length_multiple=0)
 
 
+def test_each_loss_has_its_own_length_multiple_graphs():
+    """The graphs that know the length multiple are kept per loss: the GRPO, CalibRL and PG kernels'
+    wrappers must not share one compile cache (where each loss's first call would count as a
+    recompile of another's, and all of them against one recompile limit)."""
+    from calibrl.algo import compile_loss_kernels
+
+    calls = []
+    batch = random_batch(5, seed=10).pad_responses(16)
+    compile_loss_kernels(backend=_length_facts(calls), length_multiple=16)
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for name in ("calibrl", "grpo", "luffy", "calibrl", "grpo"):
+                logp = batch.old_logp.clone().requires_grad_()
+                loss, _ = compute_loss(name, logp, batch, **loss_normalizers(name, batch))
+                loss.backward()
+    finally:
+        compile_loss_kernels(False)
+    assert calls == [True, True, True], calls  # one graph per kernel, each knowing the multiple
+
+
 def test_compiled_kernels_match_eager_at_a_known_length_multiple():
     """Inductor's kernels with the length stated a multiple of 16: the same loss, gradient and
     metrics as eager mode, on a padded batch (that graph) and an unpadded one (the other)."""
