@@ -322,7 +322,8 @@ class _Compiled:
         for key in _NORMALISERS:
             if isinstance(kwargs.get(key), (int, float)):
                 kwargs[key] = torch.scalar_tensor(kwargs[key], dtype=args[0].dtype, device=args[0].device)
-        fn = self._fn_multiple if self._fn_multiple and args[0].shape[-1] % self._multiple == 0 else self._fn
+        aligned = self._fn_multiple is not None and args[0].shape[-1] % self._multiple == 0
+        fn = self._fn_multiple if aligned else self._fn
         if id(fn) not in self._marked:
             for arg in args:
                 if isinstance(arg, Tensor):
